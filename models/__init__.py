@@ -32,6 +32,8 @@ class ModelSpec:
     model_file: str  # relative to the repository root; the archive's --model-file
     img_size: int  # default training / inference resolution
     dropout: float  # default dropout of the classifier
+    lr: float  # default learning rate (from scratch: higher; fine-tuning: lower)
+    epochs: int  # default number of epochs
     load_pretrained: Optional[Callable[[nn.Module, Optional[str]], None]] = None
 
     @property
@@ -81,10 +83,12 @@ def _pretrain_vgg(model, path=None):
 
 
 MODELS = {
-    "base_cnn": ModelSpec(BaseCNN, "models/base_cnn/base_cnn.py", img_size=128, dropout=0.3),
-    "vgg": ModelSpec(VGG, "models/vgg/vgg.py", img_size=224, dropout=0.5, load_pretrained=_pretrain_vgg),
+    "base_cnn": ModelSpec(BaseCNN, "models/base_cnn/base_cnn.py", img_size=64, dropout=0.3, lr=2e-3, epochs=12),
+    "vgg": ModelSpec(VGG, "models/vgg/vgg.py", img_size=224, dropout=0.5, lr=1e-4, epochs=5,
+                     load_pretrained=_pretrain_vgg),
     "efficientnet_lite0": ModelSpec(EfficientNetLite0, "models/efficientnet_lite0/efficientnet_lite0.py",
-                                    img_size=224, dropout=0.2, load_pretrained=_pretrain_efficientnet_lite0),
+                                    img_size=192, dropout=0.2, lr=5e-4, epochs=3,
+                                    load_pretrained=_pretrain_efficientnet_lite0),
 }
 
 

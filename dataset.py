@@ -1,0 +1,158 @@
+"""Dogs-vs-Cats images on disk -> labeled, split, decoded-once tensors.
+
+Two layouts are detected automatically:
+  flat (Kaggle):  root/cat.0.jpg, root/dog.12.jpg      the label is the file-name prefix
+  ImageFolder:    root/cat/xxx.jpg, root/dog/yyy.jpg   the label is the sub-folder
+
+Training decodes every JPEG once, resized to the training size, into one uint8
+tensor; epochs then only crop/flip in memory. On a 2-core CPU, JPEG decoding
+would otherwise cost as much as the model's forward pass.
+"""
+import os
+import random
+import sys
+from multiprocessing import Pool
+
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from models import CLASSES
+from models.transforms import ImageDecodeError, open_rgb, resize, to_uint8_tensor
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+    """The data folder cannot be used for training; the message says why."""
+
+
+def is_image_file(name):
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def _image_files(folder):
+    return sorted(f for f in os.listdir(folder) if is_image_file(f) and os.path.isfile(os.path.join(folder, f)))
+
+
+def detect_layout(root, classes=CLASSES):
+    """'folders' when root has a sub-folder per class, else 'flat'."""
+    if not os.path.isdir(root):
+        raise DataError("data folder not found: %s" % root)
+    subdirs = [c for c in classes if os.path.isdir(os.path.join(root, c))]
+    return "folders" if subdirs else "flat"
+
+
+def find_labeled_images(root, classes=CLASSES):
+    """[(path, label index)] for every image of `root`, in either layout, sorted by path.
+
+    Raises DataError for a missing or empty folder or a class with no images.
+    """
+    layout = detect_layout(root, classes)
+    samples = []
+    if layout == "folders":
+        for label, name in enumerate(classes):
+            folder = os.path.join(root, name)
+            files = _image_files(folder) if os.path.isdir(folder) else []
+            if not files:
+                raise DataError("no images of class '%s' in %s" % (name, folder))
+            samples += [(os.path.join(folder, f), label) for f in files]
+        return samples
+    files = _image_files(root)
+    if not files:
+        raise DataError("no images in %s (expected cat.N.jpg / dog.N.jpg files, or cat/ and dog/ folders)" % root)
+    prefix_to_label = {name: i for i, name in enumerate(classes)}
+    for f in files:
+        label = prefix_to_label.get(f.split(".")[0].lower())
+        if label is not None:
+            samples.append((os.path.join(root, f), label))
+    for label, name in enumerate(classes):
+        if not any(lab == label for _, lab in samples):
+            raise DataError("no images of class '%s' in %s (expected files named %s.N.jpg)" % (name, root, name))
+    return samples
+
+
+def numeric_stem_key(path):
+    """Sort key: numeric file stems numerically (2 < 10), the rest alphabetically after them."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return (0, int(stem), "") if stem.isdigit() else (1, 0, stem)
+
+
+def find_images(root):
+    """Every image file of `root` (unlabeled, e.g. Kaggle's test1/), numeric ids in numeric order."""
+    if not os.path.isdir(root):
+        raise DataError("image folder not found: %s" % root)
+    files = [os.path.join(root, f) for f in _image_files(root)]
+    if not files:
+        raise DataError("no images in %s" % root)
+    return sorted(files, key=numeric_stem_key)
+
+
+def stratified_split(samples, validation_split, seed):
+    """Seeded split that keeps the class ratio in both parts. Returns (train, val)."""
+    if not 0 <= validation_split < 1:
+        raise DataError("--validation_split must be in [0, 1), got %g" % validation_split)
+    rng = random.Random(seed)
+    train, val = [], []
+    for label in sorted({lab for _, lab in samples}):
+        group = [s for s in samples if s[1] == label]
+        rng.shuffle(group)
+        n_val = round(len(group) * validation_split)
+        if validation_split > 0 and len(group) > 1:
+            n_val = min(max(n_val, 1), len(group) - 1)  # both parts keep every class
+        val += group[:n_val]
+        train += group[n_val:]
+    return sorted(train), sorted(val)
+
+
+def _decode_one(args):
+    path, img_size = args
+    try:
+        return to_uint8_tensor(resize(open_rgb(path), img_size)).numpy(), None
+    except ImageDecodeError as exc:
+        return None, str(exc)
+    except OSError as exc:  # unreadable file
+        return None, "cannot read file: %s" % exc
+
+
+def decode_images(samples, img_size, num_workers=0, desc="decoding"):
+    """Decode and resize every image once. Undecodable files are named on stderr and skipped.
+
+    Returns (uint8 tensor N x 3 x S x S, label tensor N, kept samples).
+    """
+    jobs = [(path, img_size) for path, _ in samples]
+    bar = dict(total=len(jobs), desc=desc, unit="img", leave=False, mininterval=1.0)
+    if num_workers > 0:
+        with Pool(num_workers) as pool:
+            results = list(tqdm(pool.imap(_decode_one, jobs, chunksize=64), **bar))
+    else:
+        results = [_decode_one(job) for job in tqdm(jobs, **bar)]
+    images, kept = [], []
+    for (path, label), (array, error) in zip(samples, results):
+        if array is None:
+            print("warning: skipping %s: %s" % (path, error), file=sys.stderr)
+            continue
+        images.append(torch.from_numpy(array))
+        kept.append((path, label))
+    if not images:
+        raise DataError("none of the %d images could be decoded" % len(samples))
+    labels = torch.tensor([label for _, label in kept])
+    return torch.stack(images), labels, kept
+
+
+class DecodedImages(Dataset):
+    """Decoded uint8 images with an optional augmentation; yields (uint8 CHW, label).
+
+    Normalization happens per batch in the trainer, with models.transforms.normalize,
+    so evaluation sees exactly what eval_transform gives a single image.
+    """
+
+    def __init__(self, images, labels, augment=None):
+        self.images, self.labels, self.augment = images, labels, augment
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        img = self.images[i]
+        return (self.augment(img) if self.augment else img), self.labels[i]

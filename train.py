@@ -1,0 +1,227 @@
+"""One Trainer for every model: train/validate each epoch, keep the best weights.
+
+The best model (lowest validation loss; with no validation split, lowest training
+loss) is written at --model_path as a plain state_dict, atomically. A full
+checkpoint for --resume is rewritten at the end of every epoch.
+"""
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from models import CLASSES
+from models.checkpoint import atomic_torch_save, atomic_write_text, save_model, sidecar_path
+from models.transforms import normalize
+
+
+@dataclass
+class TrainConfig:
+    conv_net: str = "base_cnn"
+    data_dir: str = "data/train"
+    model_path: Optional[str] = None
+    epochs: Optional[int] = None
+    batch_size: int = 32
+    lr: Optional[float] = None
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    optimizer: str = "adam"
+    validation_split: float = 0.1
+    dropout: Optional[float] = None
+    img_size: Optional[int] = None
+    seed: int = 0
+    num_workers: int = 2
+    precision: str = "auto"
+    device: str = "auto"
+    pretrained_weights: Optional[str] = None
+    random_init: bool = False
+    resume: bool = False
+    dry_run: bool = False
+
+
+def is_improvement(best_loss, loss):
+    """The save rule: strictly lower than every loss before it."""
+    return best_loss is None or loss < best_loss
+
+
+def make_optimizer(name, params, lr, weight_decay, betas):
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=betas[0], nesterov=True, weight_decay=weight_decay)
+    raise ValueError("unknown optimizer %r" % name)
+
+
+def warmup_cosine(total_steps, warmup_steps):
+    """LR multiplier: linear warm-up, then cosine decay to 1% of the peak."""
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def _autocast(device, precision):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def _prepare(images, device):
+    x = normalize(images).to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, device, precision, desc="train", max_steps=None):
+    """One pass over `loader`; returns (mean loss, accuracy)."""
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, mininterval=1.0, file=sys.stderr)
+    for step, (images, labels) in enumerate(bar):
+        if max_steps is not None and step >= max_steps:
+            break
+        x, y = _prepare(images, device), labels.to(device)
+        with _autocast(device, precision):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        bar.set_postfix(loss="%.4f" % (total_loss / seen), acc="%.3f" % (correct / seen))
+    bar.close()
+    return total_loss / max(seen, 1), correct / max(seen, 1)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, precision, max_steps=None):
+    """Mean cross-entropy and accuracy of `model` over `loader`."""
+    model.eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    for step, (images, labels) in enumerate(loader):
+        if max_steps is not None and step >= max_steps:
+            break
+        x, y = _prepare(images, device), labels.to(device)
+        with _autocast(device, precision):
+            logits = model(x).float()
+        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+    return total_loss / max(seen, 1), correct / max(seen, 1)
+
+
+def plot_learning_curves(history, path):
+    """Loss and accuracy per epoch, rewritten after every epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax_acc.plot(epochs, [h["train_acc"] for h in history], "o-", label="train")
+    if history[0].get("val_loss") is not None:
+        ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
+        ax_acc.plot(epochs, [h["val_acc"] for h in history], "o-", label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Owns the loop state (epoch, best loss, history) and every file written beside the model."""
+
+    def __init__(self, model, optimizer, scheduler, train_set, val_set, config, meta, device, precision):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.train_set, self.val_set = train_set, val_set
+        self.config, self.meta = config, meta
+        self.device, self.precision = device, precision
+        self.start_epoch, self.best_loss, self.history = 1, None, []
+        self.paths = {
+            "model": config.model_path,
+            "resume": sidecar_path(config.model_path, ".resume.pt"),
+            "metrics": sidecar_path(config.model_path, ".metrics.jsonl"),
+            "curve": sidecar_path(config.model_path, ".curve.png"),
+        }
+
+    def _loader(self, dataset, shuffle, epoch):
+        # Shuffling (and any worker's augmentation) depends only on (seed, epoch),
+        # so a resumed run sees exactly the batches an uninterrupted run would.
+        generator = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
+        workers = self.config.num_workers if shuffle else 0
+        return DataLoader(dataset, batch_size=self.config.batch_size, shuffle=shuffle, generator=generator,
+                          num_workers=workers, persistent_workers=False, drop_last=False)
+
+    def resume(self):
+        state = torch.load(self.paths["resume"], map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.start_epoch, self.best_loss, self.history = state["epoch"] + 1, state["best_loss"], state["history"]
+        print("resumed from %s at epoch %d (best loss %.4f)" % (self.paths["resume"], state["epoch"], self.best_loss),
+              file=sys.stderr)
+
+    def _save_resume_state(self, epoch):
+        atomic_torch_save({
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "epoch": epoch, "best_loss": self.best_loss,
+            "history": self.history, "args": asdict(self.config),
+        }, self.paths["resume"])
+
+    def _record(self, row):
+        self.history.append(row)
+        lines = "".join(json.dumps(h) + "\n" for h in self.history)
+        atomic_write_text(lines, self.paths["metrics"])
+        plot_learning_curves(self.history, self.paths["curve"])
+
+    def run_epoch(self, epoch):
+        cfg, max_steps = self.config, (2 if self.config.dry_run else None)
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout and augmentation, per epoch
+        started = time.time()
+        desc = "epoch %d/%d" % (epoch, cfg.epochs)
+        train_loss, train_acc = train_one_epoch(self.model, self._loader(self.train_set, True, epoch), self.optimizer,
+                                                self.scheduler, self.device, self.precision, desc, max_steps)
+        val_loss = val_acc = None
+        if self.val_set is not None:
+            val_loss, val_acc = evaluate(self.model, self._loader(self.val_set, False, epoch), self.device,
+                                         self.precision, max_steps)
+        return dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
+                    lr=self.optimizer.param_groups[0]["lr"], seconds=round(time.time() - started, 1))
+
+    def fit(self):
+        for epoch in range(self.start_epoch, self.config.epochs + 1):
+            row = self.run_epoch(epoch)
+            score = row["val_loss"] if row["val_loss"] is not None else row["train_loss"]
+            row["saved"] = is_improvement(self.best_loss, score)
+            if row["saved"]:
+                self.best_loss = score
+                save_model(self.model, dict(self.meta, epoch=epoch, train_loss=row["train_loss"],
+                                            val_loss=row["val_loss"], val_acc=row["val_acc"]), self.paths["model"])
+            self._record(row)
+            self._save_resume_state(epoch)
+            print(format_epoch(row), flush=True)
+        return self.history
+
+
+def format_epoch(row):
+    val = ("val_loss %.4f  val_acc %.4f" % (row["val_loss"], row["val_acc"])
+           if row["val_loss"] is not None else "(no validation split)")
+    return "epoch %3d  train_loss %.4f  train_acc %.4f  %s  %6.1fs%s" % (
+        row["epoch"], row["train_loss"], row["train_acc"], val, row["seconds"], "  saved" if row["saved"] else "")
