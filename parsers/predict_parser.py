@@ -1,0 +1,63 @@
+"""Command-line flags of predict_main.py (and the options evaluate_main.py shares with it)."""
+import argparse
+import sys
+
+from models import MODELS
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A bad flag is one line `error: ...` and exit code 2, like every other user error."""
+
+    def error(self, message):
+        print("error: %s (see --help)" % message, file=sys.stderr)
+        sys.exit(2)
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a positive integer, got %r" % text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be a positive integer, got %s" % text)
+    return value
+
+
+def non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a non-negative integer, got %r" % text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be a non-negative integer, got %s" % text)
+    return value
+
+
+def add_model_arguments(p):
+    """--conv_net, --model_path and the inference options; everything else comes from the checkpoint."""
+    p.add_argument("--conv_net", choices=sorted(MODELS), default="base_cnn", help="model the checkpoint was trained as")
+    p.add_argument("--model_path", default=None,
+                   help="trained weights; the image size and the rest are read from the JSON training wrote "
+                        "beside them (default: models/<conv_net>/model_<conv_net>.pth)")
+    p.add_argument("--batch_size", type=positive_int, default=32, help="images per forward pass")
+    p.add_argument("--num_workers", type=non_negative_int, default=2,
+                   help="processes that decode images while the model runs (0: decode in this process)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when available")
+
+
+def build_parser():
+    p = OneLineErrorParser(
+        description="Classify images as cat or dog with a trained model: one image (prints the label and "
+                    "draws the image with it), or a whole folder (writes a Kaggle submission CSV).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_arguments(p)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--img_path", help="one image to classify and show")
+    source.add_argument("--img_dir", help="a folder of images to classify (e.g. Kaggle's test1/); needs --csv")
+    p.add_argument("--csv", metavar="OUT.csv",
+                   help="with --img_dir: the submission file to write, header id,label with label the "
+                        "probability of dog ('-': standard output)")
+    p.add_argument("--save", metavar="FIG.png",
+                   help="with --img_path: write the figure here instead of showing it (with no display and "
+                        "no --save it goes to <image name>_prediction.png in the working directory)")
+    return p
