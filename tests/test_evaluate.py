@@ -1,0 +1,156 @@
+"""evaluate_main.py: the figures against a hand-computed example, both data layouts, training's split."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from conftest import TRAIN_IMAGES
+import evaluate_main
+import train_main
+from dataset import find_labeled_images, stratified_split
+from evaluate_main import compute_metrics, log_loss
+from models import CLASSES, build_model
+from models.checkpoint import save_model
+
+CAT, DOG = CLASSES.index("cat"), CLASSES.index("dog")
+
+
+def saved_model(path, img_size=16):
+    torch.manual_seed(0)
+    save_model(build_model("base_cnn"), dict(conv_net="base_cnn", img_size=img_size, classes=list(CLASSES),
+                                             dropout=0.3), str(path))
+    return str(path)
+
+
+# ---- the figures, by hand -----------------------------------------------------------------------
+
+def test_metrics_of_a_known_set_of_predictions():
+    labels = [DOG, DOG, CAT, CAT, DOG, CAT]
+    p_dog = [0.9, 0.4, 0.2, 0.7, 1.0, 0.0]
+    paths = ["a", "b", "c", "d", "e", "f"]
+    m = compute_metrics(labels, p_dog, paths=paths)
+    # predicted (p > 0.5):  dog  cat  cat  dog  dog  cat  -> b and d are wrong
+    assert m["images"] == 6 and m["mistakes"] == 2
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    #                         predicted cat, dog
+    assert m["confusion_matrix"] == [[2, 1],   # true cat: c, f right; d wrong
+                                     [1, 2]]   # true dog: b wrong; a, e right
+    for name in ("cat", "dog"):
+        assert m["per_class"][name]["precision"] == pytest.approx(2 / 3)
+        assert m["per_class"][name]["recall"] == pytest.approx(2 / 3)
+        assert m["per_class"][name]["support"] == 3
+    # -(ln .9 + ln .4 + ln .8 + ln .3 + ln(1 - 1e-15) + ln(1 - 1e-15)) / 6: e and f are clipped, not 0
+    assert m["log_loss"] == pytest.approx((0.10536051565782628 + 0.916290731874155 + 0.2231435513142097
+                                           + 1.2039728043259361) / 6, rel=1e-12, abs=1e-14)
+    assert m["log_loss"] == pytest.approx(0.408127933862, rel=1e-10)
+    # most confidently wrong first: d (a cat at p(dog) 0.7) before b (a dog at 0.4)
+    assert [(w["path"], w["true"], w["predicted"], w["p_dog"]) for w in m["worst_mistakes"]] == [
+        ("d", "cat", "dog", 0.7), ("b", "dog", "cat", 0.4)]
+
+
+def test_log_loss_clips_like_kaggle():
+    # a certain, wrong answer costs about -ln(1e-15) = 34.54, not infinity
+    assert log_loss([DOG], [0.0]) == pytest.approx(-math.log(1e-15))
+    assert log_loss([CAT], [1.0]) == pytest.approx(-math.log(1 - (1 - 1e-15)))  # p clipped first, then 1 - p
+    assert log_loss([DOG, CAT], [0.0, 1.0]) == pytest.approx(34.539, abs=1e-3)
+    assert log_loss([DOG, CAT], [1.0, 0.0]) == pytest.approx(-math.log(1 - 1e-15))
+    assert log_loss([DOG], [0.5]) == pytest.approx(math.log(2))
+
+
+def test_undefined_precision_is_none_and_worst_is_capped():
+    m = compute_metrics([CAT, CAT, DOG], [0.9, 0.8, 0.7], worst=1)
+    assert m["per_class"]["cat"]["precision"] is None  # no image predicted cat
+    assert m["per_class"]["cat"]["recall"] == 0.0 and m["per_class"]["dog"]["precision"] == pytest.approx(1 / 3)
+    assert m["mistakes"] == 2 and len(m["worst_mistakes"]) == 1 and m["worst_mistakes"][0]["p_dog"] == 0.9
+    assert "-" in evaluate_main.format_report(dict(m, conv_net="base_cnn", model_path="m.pth", img_size=16,
+                                                   data_dir="d", split="all", skipped=[]))
+
+
+# ---- end to end -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory):
+    return saved_model(tmp_path_factory.mktemp("model") / "model_base_cnn.pth")
+
+
+def run_evaluate(tmp_path, *args):
+    out = tmp_path / "eval.json"
+    evaluate_main.main([*map(str, args), "--json", str(out), "--num_workers", "0"])
+    return json.loads(out.read_text())
+
+
+def test_both_layouts_give_the_same_figures(tmp_path, random_model, flat_data, folder_data, capsys):
+    flat = run_evaluate(tmp_path, "--model_path", random_model, "--data_dir", flat_data)
+    folders = run_evaluate(tmp_path, "--model_path", random_model, "--data_dir", folder_data)
+    assert flat["images"] == folders["images"] == 24
+    for key in ("accuracy", "confusion_matrix", "mistakes"):
+        assert flat[key] == folders[key]
+    assert flat["log_loss"] == pytest.approx(folders["log_loss"], abs=1e-6)
+    assert sum(map(sum, flat["confusion_matrix"])) == 24
+    out = capsys.readouterr().out
+    assert "accuracy   %.4f" % flat["accuracy"] in out and "confusion matrix" in out
+
+
+def test_json_report_png_and_a_corrupt_file(tmp_path, random_model, flat_data, capsys):
+    (flat_data / "cat.99.jpg").write_bytes(b"not a JPEG")
+    png = tmp_path / "report" / "eval.png"
+    report = run_evaluate(tmp_path, "--model_path", random_model, "--data_dir", flat_data, "--report", png,
+                          "--worst", 5)
+    assert report["images"] == 24 and report["skipped"] == [str(flat_data / "cat.99.jpg")]
+    assert report["img_size"] == 16 and report["conv_net"] == "base_cnn" and report["classes"] == ["cat", "dog"]
+    assert 0 <= report["accuracy"] <= 1 and report["log_loss"] > 0
+    worst = report["worst_mistakes"]
+    assert len(worst) == min(5, report["mistakes"])
+    assert all(w["true"] != w["predicted"] and os.path.exists(w["path"]) for w in worst)
+    errors = [abs((w["true"] == "dog") - w["p_dog"]) for w in worst]
+    assert errors == sorted(errors, reverse=True)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "cat.99.jpg" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained by train_main.py with half of the fixture images held out."""
+    path = tmp_path_factory.mktemp("trained") / "model.pth"
+    train_main.main(["--conv_net", "base_cnn", "--data_dir", TRAIN_IMAGES, "--model_path", str(path),
+                     "--epochs", "1", "--img_size", "24", "--batch_size", "8", "--validation_split", "0.5",
+                     "--seed", "3", "--num_workers", "0"])
+    return str(path), json.loads(path.with_suffix(".json").read_text())
+
+
+def test_validation_split_reproduces_trainings_accuracy(tmp_path, trained):
+    path, meta = trained
+    report = run_evaluate(tmp_path, "--model_path", path, "--split", "val")
+    _, val = stratified_split(find_labeled_images(TRAIN_IMAGES), 0.5, 3)
+    assert report["images"] == len(val) == 12 and report["data_dir"] == TRAIN_IMAGES
+    assert report["img_size"] == 24  # from the meta JSON, no flag
+    assert report["accuracy"] == meta["val_acc"]
+    assert report["log_loss"] == pytest.approx(meta["val_loss"], abs=1e-5)
+    assert report["training"] == dict(epoch=1, val_acc=meta["val_acc"], val_loss=meta["val_loss"])
+    assert evaluate_main.training_split(meta, "val")[1] == val
+
+
+def test_train_split_is_the_rest(tmp_path, trained):
+    path, _ = trained
+    report = run_evaluate(tmp_path, "--model_path", path, "--split", "train")
+    assert report["images"] == 12 and "training" not in report
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "--data_dir is required"),
+    (["--data_dir", "missing"], "data folder not found"),
+    (["--split", "val"], "does not record training's split"),
+    (["--data_dir", "EMPTY"], "no images"),
+    (["--data_dir", TRAIN_IMAGES, "--conv_net", "efficientnet_lite0"], "base_cnn"),
+    (["--data_dir", TRAIN_IMAGES, "--split", "test"], "--split"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, random_model, capsys, monkeypatch, args, message):
+    (tmp_path / "EMPTY").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main.main(["--model_path", random_model, *args])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
