@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# Build the TorchServe archives (.mar) of the trained models.
+#
+#   deployment/archive.sh                      # base_cnn, vgg, efficientnet_lite0 -> deployment/model-store
+#   deployment/archive.sh base_cnn             # just one
+#   deployment/archive.sh --export-path /tmp/store base_cnn=/tmp/run/model_base_cnn.pth
+#
+# A model whose checkpoint does not exist is skipped with a message: untrained
+# weights are never archived as the shipped model. Each checkpoint is loaded
+# into its network first, so a wrong or corrupt file fails here, not in the server.
+#
+# Per archive (the original README's command, plus what the handler needs):
+#   torch-model-archiver --model-name NAME --version 1.0 --model-file models/NAME/NAME.py
+#     --serialized-file models/NAME/model_NAME.pth --handler models/handler.py
+#     --extra-files models/index_to_name.json,models/transforms.py,<the checkpoint's meta JSON>
+#     --config-file deployment/model-config/NAME.yaml (packed as model-config.yaml)
+#     --export-path deployment/model-store
+#
+# Exit status: 0 when at least one archive was built and nothing failed,
+# 1 when nothing was archived (all skipped), 2 on usage errors or failures.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ALL_MODELS=(base_cnn vgg efficientnet_lite0)
+
+usage() {
+    cat <<EOF
+usage: $0 [options] [MODEL[=CHECKPOINT] ...]
+
+  MODEL               one of: ${ALL_MODELS[*]} (default: all of them)
+  CHECKPOINT          weights to ship (default: models/MODEL/model_MODEL.pth); its meta
+                      JSON (same name, .json) is shipped too
+  --export-path DIR   where the .mar files go (default: deployment/model-store)
+  --config-file FILE  model config for every archive built by this call
+                      (default: deployment/model-config/MODEL.yaml)
+  --version V         archive version (default: 1.0)
+  --archive-format F  default | zip-store (uncompressed: faster for big test archives)
+EOF
+}
+
+abspath() {
+    case "$1" in
+        /*) printf '%s\n' "$1" ;;
+        *) printf '%s/%s\n' "$PWD" "$1" ;;
+    esac
+}
+
+EXPORT_PATH="$ROOT/deployment/model-store"
+CONFIG_FILE=""
+VERSION="1.0"
+FORMAT="default"
+SPECS=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --export-path|--config-file|--version|--archive-format)
+            if [ $# -lt 2 ]; then echo "error: $1 needs a value" >&2; usage >&2; exit 2; fi
+            case "$1" in
+                --export-path) EXPORT_PATH="$(abspath "$2")" ;;
+                --config-file) CONFIG_FILE="$(abspath "$2")" ;;
+                --version) VERSION="$2" ;;
+                --archive-format) FORMAT="$2" ;;
+            esac
+            shift 2 ;;
+        -h|--help) usage; exit 0 ;;
+        -*) echo "error: unknown option $1" >&2; usage >&2; exit 2 ;;
+        *) SPECS+=("$1"); shift ;;
+    esac
+done
+[ ${#SPECS[@]} -gt 0 ] || SPECS=("${ALL_MODELS[@]}")
+case "$FORMAT" in
+    default|zip-store) ;;
+    *) echo "error: --archive-format must be default or zip-store (got $FORMAT)" >&2; exit 2 ;;
+esac
+if [ -n "$CONFIG_FILE" ] && [ ! -f "$CONFIG_FILE" ]; then
+    echo "error: no config file $CONFIG_FILE" >&2; exit 2
+fi
+
+# The project's Python (for the checkpoint check) and archiver: the virtualenv's when there is one.
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
+fi
+if [ -z "${TORCH_MODEL_ARCHIVER:-}" ]; then
+    if [ -x "$ROOT/.venv/bin/torch-model-archiver" ]; then
+        TORCH_MODEL_ARCHIVER="$ROOT/.venv/bin/torch-model-archiver"
+    else
+        TORCH_MODEL_ARCHIVER=torch-model-archiver
+    fi
+fi
+
+mkdir -p "$EXPORT_PATH"
+STAGE=""
+cleanup() { if [ -n "$STAGE" ]; then rm -rf "$STAGE"; fi; }
+trap cleanup EXIT
+
+built=()
+skipped=()
+failed=()
+for spec in "${SPECS[@]}"; do
+    name="${spec%%=*}"
+    if [ "$name" = "$spec" ]; then
+        checkpoint="$ROOT/models/$name/model_$name.pth"
+    else
+        checkpoint="$(abspath "${spec#*=}")"
+    fi
+    case " ${ALL_MODELS[*]} " in
+        *" $name "*) ;;
+        *) echo "error: unknown model '$name' (known: ${ALL_MODELS[*]})" >&2; failed+=("$name"); continue ;;
+    esac
+    if [ ! -f "$checkpoint" ]; then
+        echo "skipping $name: no checkpoint at $checkpoint (train it first with train_main.py;" \
+             "untrained weights are never archived)" >&2
+        skipped+=("$name")
+        continue
+    fi
+    config="${CONFIG_FILE:-$ROOT/deployment/model-config/$name.yaml}"
+    if [ ! -f "$config" ]; then
+        echo "error: $name: no model config $config" >&2; failed+=("$name"); continue
+    fi
+
+    # Stage next to the destination (same filesystem), then rename: a reader of the
+    # model store never sees half an archive. *.mar.tmp is git-ignored.
+    STAGE="$(mktemp -d "$EXPORT_PATH/$name.XXXXXX.mar.tmp")"
+    stem="$(basename "${checkpoint%.*}")"
+    # Load the weights into the network (a wrong or corrupt file fails now) and stage the
+    # meta JSON under the name the handler looks for; rebuild it from the registry's
+    # defaults, with a warning, when the checkpoint came without one.
+    if ! (cd "$ROOT" && "$PYTHON" - "$name" "$checkpoint" "$STAGE/$stem.json" <<'PY'
+import json
+import sys
+
+from models import CLASSES, MODELS, load_trained
+from models.checkpoint import CheckpointError, read_meta
+
+name, checkpoint, staged_meta = sys.argv[1:4]
+try:
+    meta = read_meta(checkpoint)
+    load_trained(name, checkpoint)
+except CheckpointError as exc:
+    sys.exit("error: %s: %s" % (name, exc))
+if not meta:
+    spec = MODELS[name]
+    meta = {"conv_net": name, "img_size": spec.img_size, "classes": list(CLASSES), "dropout": spec.dropout}
+    print("warning: %s: no meta JSON beside %s; assuming the defaults %s" % (name, checkpoint, meta),
+          file=sys.stderr)
+with open(staged_meta, "w") as f:
+    json.dump(meta, f, indent=2, sort_keys=True)
+    f.write("\n")
+PY
+    ); then
+        failed+=("$name"); rm -rf "$STAGE"; STAGE=""; continue
+    fi
+    cp "$config" "$STAGE/model-config.yaml"
+    mkdir "$STAGE/out"
+
+    echo "archiving $name from $checkpoint"
+    if "$TORCH_MODEL_ARCHIVER" --model-name "$name" --version "$VERSION" \
+            --model-file "$ROOT/models/$name/$name.py" \
+            --serialized-file "$checkpoint" \
+            --handler "$ROOT/models/handler.py" \
+            --extra-files "$ROOT/models/index_to_name.json,$ROOT/models/transforms.py,$STAGE/$stem.json" \
+            --config-file "$STAGE/model-config.yaml" \
+            --archive-format "$FORMAT" \
+            --export-path "$STAGE/out"; then
+        mv -f "$STAGE/out/$name.mar" "$EXPORT_PATH/$name.mar"
+        echo "built $EXPORT_PATH/$name.mar"
+        built+=("$name")
+    else
+        echo "error: torch-model-archiver failed for $name" >&2
+        failed+=("$name")
+    fi
+    rm -rf "$STAGE"
+    STAGE=""
+done
+
+echo "archived: ${built[*]:-none}; skipped (no checkpoint): ${skipped[*]:-none}; failed: ${failed[*]:-none}"
+if [ ${#failed[@]} -gt 0 ]; then exit 2; fi
+if [ ${#built[@]} -eq 0 ]; then exit 1; fi
