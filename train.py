@@ -185,8 +185,7 @@ class Trainer:
             "history": self.history, "args": asdict(self.config),
         }, self.paths["resume"])
 
-    def _record(self, row):
-        self.history.append(row)
+    def _write_reports(self):
         lines = "".join(json.dumps(h) + "\n" for h in self.history)
         atomic_write_text(lines, self.paths["metrics"])
         plot_learning_curves(self.history, self.paths["curve"])
@@ -214,8 +213,9 @@ class Trainer:
                 self.best_loss = score
                 save_model(self.model, dict(self.meta, epoch=epoch, train_loss=row["train_loss"],
                                             val_loss=row["val_loss"], val_acc=row["val_acc"]), self.paths["model"])
-            self._record(row)
-            self._save_resume_state(epoch)
+            self.history.append(row)
+            self._save_resume_state(epoch)  # before the reports: a metrics line implies a resumable epoch
+            self._write_reports()
             print(format_epoch(row), flush=True)
         return self.history
 

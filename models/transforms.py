@@ -48,7 +48,9 @@ def open_rgb(source):
         raise
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError("image too large: %s" % exc)
-    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as exc:
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError("not an image (unrecognized format)")
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError("cannot decode image: %s" % (str(exc) or type(exc).__name__))
     return to_rgb(img)
 

@@ -1,0 +1,86 @@
+import os
+
+import pytest
+import torch
+
+from conftest import run_cli
+from dataset import DataError, decode_images, find_images, find_labeled_images, stratified_split
+
+
+def test_flat_layout_labels_come_from_file_names(flat_data):
+    samples = find_labeled_images(str(flat_data))
+    assert len(samples) == 24
+    assert all((os.path.basename(p).startswith("dog")) == (label == 1) for p, label in samples)
+
+
+def test_folder_layout_labels_come_from_sub_folders(folder_data):
+    samples = find_labeled_images(str(folder_data))
+    assert len(samples) == 24
+    assert {label for p, label in samples if os.sep + "dog" + os.sep in p} == {1}
+    assert {label for p, label in samples if os.sep + "cat" + os.sep in p} == {0}
+
+
+def test_split_is_stratified_seeded_and_disjoint(flat_data):
+    samples = find_labeled_images(str(flat_data))
+    train, val = stratified_split(samples, 0.25, seed=3)
+    assert sorted(train + val) == sorted(samples)
+    assert not set(train) & set(val)
+    assert [label for _, label in val].count(0) == [label for _, label in val].count(1) == 3
+    assert (train, val) == stratified_split(samples, 0.25, seed=3)
+    assert val != stratified_split(samples, 0.25, seed=4)[1]
+
+
+@pytest.mark.parametrize("split", [-0.1, 1.0, 1.5])
+def test_split_outside_unit_interval_is_refused(flat_data, split):
+    with pytest.raises(DataError, match="validation_split"):
+        stratified_split(find_labeled_images(str(flat_data)), split, 0)
+
+
+def test_missing_empty_and_one_class_folders_are_errors(tmp_path, flat_data):
+    with pytest.raises(DataError, match="not found"):
+        find_labeled_images(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        find_labeled_images(str(tmp_path / "empty"))
+    for f in flat_data.glob("dog.*"):
+        f.unlink()
+    with pytest.raises(DataError, match="class 'dog'"):
+        find_labeled_images(str(flat_data))
+
+
+def test_corrupt_image_is_named_and_skipped(flat_data, capsys):
+    (flat_data / "cat.999.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    samples = find_labeled_images(str(flat_data))
+    images, labels, kept = decode_images(samples, 32)
+    assert images.shape == (24, 3, 32, 32) and images.dtype == torch.uint8
+    assert len(kept) == len(labels) == 24
+    assert capsys.readouterr().err.count("cat.999.jpg") == 1
+
+
+def test_unlabeled_folder_sorts_numeric_ids_numerically(tmp_path):
+    for stem in ["10", "2", "1", "abc"]:
+        (tmp_path / (stem + ".jpg")).write_bytes(b"x")
+    assert [os.path.basename(p) for p in find_images(str(tmp_path))] == ["1.jpg", "2.jpg", "10.jpg", "abc.jpg"]
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda d: ["--data_dir", d / "empty"], "no images"),
+    (lambda d: ["--data_dir", d / "missing"], "not found"),
+    (lambda d: ["--data_dir", d / "flat", "--validation_split", "1.2"], "validation_split"),
+])
+def test_train_main_bad_data_exits_2_with_one_line(tmp_path, flat_data, make_args, message):
+    (tmp_path / "empty").mkdir()
+    result = run_cli("train_main.py", *make_args(tmp_path), "--model_path", tmp_path / "m.pth", "--dry-run")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "m.pth").exists()
+
+
+def test_train_main_skips_corrupt_file_and_names_it(tmp_path, flat_data):
+    (flat_data / "dog.999.jpg").write_bytes(b"GIF89a truncated")
+    result = run_cli("train_main.py", "--data_dir", flat_data, "--model_path", tmp_path / "m.pth",
+                     "--img_size", 32, "--dry-run", "--num_workers", 0)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("dog.999.jpg") == 1
+    assert (tmp_path / "m.pth").exists()

