@@ -161,3 +161,18 @@ def test_vgg_loads_a_local_torchvision_checkpoint(tmp_path):
     assert torch.equal(model.features[0].weight, reference.features[0].weight)
     assert torch.equal(model.classifier[0].weight, reference.classifier[0].weight)
     assert model.classifier[6].out_features == 2
+
+
+@pytest.mark.parametrize("conv_net", sorted(MODELS))
+def test_model_file_defines_one_module_built_with_no_arguments(conv_net):
+    """What torch-model-archiver's --model-file loader needs (exactly one nn.Module class)."""
+    import importlib.util
+    import inspect
+    path = os.path.join(ROOT, MODELS[conv_net].model_file)
+    spec = importlib.util.spec_from_file_location("model_file_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    classes = [c for _, c in inspect.getmembers(module, inspect.isclass)
+               if c.__module__ == module.__name__ and issubclass(c, torch.nn.Module)]
+    assert len(classes) == 1
+    assert classes[0]().forward(torch.zeros(1, 3, 64, 64)).shape == (1, 2)

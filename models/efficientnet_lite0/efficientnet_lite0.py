@@ -30,33 +30,34 @@ def _bn(channels):
     return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
 
 
-class MBConvBlock(nn.Module):
-    """Inverted residual: 1x1 expand, kxk depthwise, 1x1 project, skip when shapes match."""
-
-    def __init__(self, kernel, stride, expand_ratio, in_ch, out_ch):
-        super().__init__()
-        mid = in_ch * expand_ratio
-        self.has_expand = expand_ratio != 1
-        if self.has_expand:
-            self._expand_conv = nn.Conv2d(in_ch, mid, 1, bias=False)
-            self._bn0 = _bn(mid)
-        self._depthwise_conv = nn.Conv2d(mid, mid, kernel, stride, kernel // 2, groups=mid, bias=False)
-        self._bn1 = _bn(mid)
-        self._project_conv = nn.Conv2d(mid, out_ch, 1, bias=False)
-        self._bn2 = _bn(out_ch)
-        self.act = nn.ReLU6(inplace=True)
-        self.has_skip = stride == 1 and in_ch == out_ch
-
-    def forward(self, x):
-        out = x
-        if self.has_expand:
-            out = self.act(self._bn0(self._expand_conv(out)))
-        out = self.act(self._bn1(self._depthwise_conv(out)))
-        out = self._bn2(self._project_conv(out))
-        return out + x if self.has_skip else out
-
-
 class EfficientNetLite0(nn.Module):
+    # Nested so that the file defines exactly one module-level nn.Module, as
+    # torch-model-archiver's --model-file loader requires.
+    class MBConvBlock(nn.Module):
+        """Inverted residual: 1x1 expand, kxk depthwise, 1x1 project, skip when shapes match."""
+
+        def __init__(self, kernel, stride, expand_ratio, in_ch, out_ch):
+            super().__init__()
+            mid = in_ch * expand_ratio
+            self.has_expand = expand_ratio != 1
+            if self.has_expand:
+                self._expand_conv = nn.Conv2d(in_ch, mid, 1, bias=False)
+                self._bn0 = _bn(mid)
+            self._depthwise_conv = nn.Conv2d(mid, mid, kernel, stride, kernel // 2, groups=mid, bias=False)
+            self._bn1 = _bn(mid)
+            self._project_conv = nn.Conv2d(mid, out_ch, 1, bias=False)
+            self._bn2 = _bn(out_ch)
+            self.act = nn.ReLU6(inplace=True)
+            self.has_skip = stride == 1 and in_ch == out_ch
+
+        def forward(self, x):
+            out = x
+            if self.has_expand:
+                out = self.act(self._bn0(self._expand_conv(out)))
+            out = self.act(self._bn1(self._depthwise_conv(out)))
+            out = self._bn2(self._project_conv(out))
+            return out + x if self.has_skip else out
+
     def __init__(self, num_classes=2, dropout=0.2):
         super().__init__()
         self._conv_stem = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
@@ -64,8 +65,8 @@ class EfficientNetLite0(nn.Module):
         blocks = []
         for repeats, kernel, stride, expand, in_ch, out_ch in STAGES:
             for i in range(repeats):
-                blocks.append(MBConvBlock(kernel, stride if i == 0 else 1, expand,
-                                          in_ch if i == 0 else out_ch, out_ch))
+                blocks.append(self.MBConvBlock(kernel, stride if i == 0 else 1, expand,
+                                               in_ch if i == 0 else out_ch, out_ch))
         self._blocks = nn.Sequential(*blocks)
         self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
         self._bn1 = _bn(1280)
