@@ -176,3 +176,20 @@ def test_model_file_defines_one_module_built_with_no_arguments(conv_net):
                if c.__module__ == module.__name__ and issubclass(c, torch.nn.Module)]
     assert len(classes) == 1
     assert classes[0]().forward(torch.zeros(1, 3, 64, 64)).shape == (1, 2)
+
+
+def _readme_train_commands():
+    """The `python train_main.py ...` commands of the README's Train section, joined across '\\' lines."""
+    text = open(os.path.join(ROOT, "README.md")).read().replace("\\\n", " ")
+    return [line.split()[2:] for line in text.splitlines() if line.startswith("python train_main.py")]
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_original_readme_examples_run_as_written(tmp_path, index):
+    args = _readme_train_commands()[index]
+    # Shrunk to a smoke run on the fixtures (later flags win); VGG without downloadable weights.
+    extra = ["--data_dir", TRAIN_IMAGES, "--model_path", tmp_path / "m.pth", "--img_size", 32,
+             "--num_workers", 0, "--dry-run"] + (["--random_init"] if "vgg" in args else [])
+    result = run_cli("train_main.py", *args, *extra)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "m.pth").exists()
