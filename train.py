@@ -36,6 +36,7 @@ class TrainConfig:
     validation_split: float = 0.1
     dropout: Optional[float] = None
     img_size: Optional[int] = None
+    eval_img_size: Optional[int] = None
     seed: int = 0
     num_workers: int = 2
     precision: str = "auto"

@@ -25,6 +25,8 @@ def resolve_defaults(config):
     config.lr = config.lr if config.lr is not None else spec.lr
     config.dropout = config.dropout if config.dropout is not None else spec.dropout
     config.img_size = config.img_size or spec.img_size
+    config.eval_img_size = config.eval_img_size or (spec.eval_img_size if config.img_size == spec.img_size
+                                                    else None) or config.img_size
     return config
 
 
@@ -56,14 +58,14 @@ def load_data(config):
     train, val = stratified_split(samples, config.validation_split, config.seed)
     if config.dry_run:
         train, val = train[:4 * config.batch_size], val[:config.batch_size]
-    print("%s: %d training and %d validation images, %d x %d" % (
-        config.data_dir, len(train), len(val), config.img_size, config.img_size), file=sys.stderr)
+    print("%s: %d training images at %d px, %d validation images at %d px" % (
+        config.data_dir, len(train), config.img_size, len(val), config.eval_img_size), file=sys.stderr)
     workers = config.num_workers
     train_x, train_y, _ = decode_images(train, config.img_size, workers, "decoding training images")
     train_set = DecodedImages(train_x, train_y, train_augment(config.img_size))
     val_set = None
     if val:
-        val_x, val_y, _ = decode_images(val, config.img_size, workers, "decoding validation images")
+        val_x, val_y, _ = decode_images(val, config.eval_img_size, workers, "decoding validation images")
         val_set = DecodedImages(val_x, val_y)
     return train_set, val_set
 
@@ -80,7 +82,9 @@ def build_trainer(config):
     steps_per_epoch = -(-len(train_set) // config.batch_size)
     total = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, min(total // 10, steps_per_epoch)))
-    meta = dict(conv_net=config.conv_net, img_size=config.img_size, classes=list(CLASSES),
+    # img_size is what prediction and serving feed the model; train_img_size what it trained on.
+    meta = dict(conv_net=config.conv_net, img_size=config.eval_img_size, train_img_size=config.img_size,
+                classes=list(CLASSES),
                 dropout=config.dropout, precision=precision, args=asdict(config))
     print("training %s on %s (%s) for %d epochs" % (config.conv_net, device, precision, config.epochs),
           file=sys.stderr)

@@ -34,6 +34,10 @@ class ModelSpec:
     dropout: float  # default dropout of the classifier
     lr: float  # default learning rate (from scratch: higher; fine-tuning: lower)
     epochs: int  # default number of epochs
+    # Resolution for validation, prediction and serving. Random-resized-crop training
+    # shows objects larger than a plain resize does, so testing a little above the
+    # training size matches them better ("FixRes", Touvron et al. 2019).
+    eval_img_size: Optional[int] = None
     load_pretrained: Optional[Callable[[nn.Module, Optional[str]], None]] = None
 
     @property
@@ -87,7 +91,7 @@ MODELS = {
     "vgg": ModelSpec(VGG, "models/vgg/vgg.py", img_size=224, dropout=0.5, lr=1e-4, epochs=5,
                      load_pretrained=_pretrain_vgg),
     "efficientnet_lite0": ModelSpec(EfficientNetLite0, "models/efficientnet_lite0/efficientnet_lite0.py",
-                                    img_size=192, dropout=0.2, lr=5e-4, epochs=3,
+                                    img_size=192, dropout=0.2, lr=5e-4, epochs=3, eval_img_size=224,
                                     load_pretrained=_pretrain_efficientnet_lite0),
 }
 

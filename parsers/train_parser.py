@@ -37,6 +37,9 @@ def build_parser():
                    help="fraction held out for validation, stratified and seeded (0 <= v < 1)")
     p.add_argument("--img_size", type=positive_int, default=None,
                    help="training and inference resolution (default per model: %s)" % defaults)
+    p.add_argument("--eval_img_size", type=positive_int, default=None,
+                   help="resolution for validation, prediction and serving (default per model: "
+                        "efficientnet_lite0: 224, others: --img_size)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation, shuffling and augmentation")
     p.add_argument("--num_workers", type=int, default=2, help="processes that decode images and augment batches")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
