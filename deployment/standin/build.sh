@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Build (or reuse) a local stand-in for pytorch/torchserve:0.12.0-cpu.
+#
+#   deployment/standin/build.sh [--force]
+#
+# For machines that cannot pull from Docker Hub. Three steps, each cached:
+#   1. debootstrap a minimal Debian into a directory and `docker import` it
+#      ($STANDIN_ROOTFS_IMAGE; built once, reused after);
+#   2. `pip download` the serving packages pinned in requirements.txt into a
+#      temporary wheel directory, with this machine's pip configuration (local
+#      wheel indexes are used when pip is set up with them);
+#   3. `docker build --network host` deployment/standin/Dockerfile on the rootfs
+#      image, pip installing from that wheel directory served on 127.0.0.1.
+# The image carries a label with a hash of its inputs; when an image with the
+# same hash exists it is reused (pass --force to rebuild).
+#
+# Environment:
+#   STANDIN_IMAGE         image to build   (default dogscats/torchserve-standin:0.12.0-cpu)
+#   STANDIN_ROOTFS_IMAGE  Debian rootfs    (default dogscats/debian-rootfs:bookworm)
+#   DEBIAN_MIRROR         for debootstrap and apt in the build (default http://deb.debian.org/debian)
+#   PYTHON                interpreter whose pip downloads the wheels (default .venv/bin/python)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+HERE="$ROOT/deployment/standin"
+STANDIN_IMAGE="${STANDIN_IMAGE:-dogscats/torchserve-standin:0.12.0-cpu}"
+STANDIN_ROOTFS_IMAGE="${STANDIN_ROOTFS_IMAGE:-dogscats/debian-rootfs:bookworm}"
+DEBIAN_SUITE=bookworm          # its python3 is 3.11, the ABI the wheels are fetched for
+DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
+[ -x "$PYTHON" ] || PYTHON=python3
+LABEL=org.dogscats.standin.inputs
+# What the stock image has, pinned to this project's versions so that answers can
+# be compared with a local TorchServe exactly.
+PACKAGES='^(torch|torchvision|torchserve|torch-model-archiver|captum|pyyaml|pillow|numpy)=='
+
+FORCE=0
+case "${1:-}" in
+    --force) FORCE=1 ;;
+    "") ;;
+    *) echo "usage: $0 [--force]" >&2; exit 2 ;;
+esac
+
+log() { echo "[standin] $*" >&2; }
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/standin.XXXXXX")"
+SERVER_PID=""
+cleanup() {
+    if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# Build context: the stand-in's own files plus the pinned requirements.
+CTX="$WORK/context"
+mkdir -p "$CTX"
+cp "$HERE/Dockerfile" "$HERE/dockerd-entrypoint.sh" "$HERE/config.properties" "$CTX/"
+grep -iE "$PACKAGES" "$ROOT/requirements.txt" | sed 's/[[:space:]]*#.*//' > "$CTX/requirements.txt"
+[ "$(wc -l < "$CTX/requirements.txt")" -ge 8 ] || { log "requirements.txt lacks some serving pins:"; cat "$CTX/requirements.txt" >&2; exit 1; }
+INPUTS="$(cd "$CTX" && cat Dockerfile dockerd-entrypoint.sh config.properties requirements.txt \
+          <(echo "$DEBIAN_SUITE $STANDIN_ROOTFS_IMAGE") | sha256sum | cut -c1-16)"
+
+if [ "$FORCE" = 0 ] && [ "$(docker image inspect -f "{{ index .Config.Labels \"$LABEL\" }}" "$STANDIN_IMAGE" 2>/dev/null)" = "$INPUTS" ]; then
+    log "reusing $STANDIN_IMAGE (inputs $INPUTS)"
+    exit 0
+fi
+START=$(date +%s)
+
+# 1. Debian root file system -> image
+if ! docker image inspect "$STANDIN_ROOTFS_IMAGE" >/dev/null 2>&1; then
+    command -v debootstrap >/dev/null || { log "debootstrap is missing (apt-get install debootstrap)"; exit 1; }
+    [ "$(id -u)" = 0 ] || { log "debootstrap needs root"; exit 1; }
+    log "debootstrap $DEBIAN_SUITE from $DEBIAN_MIRROR"
+    debootstrap --variant=minbase --include=ca-certificates "$DEBIAN_SUITE" "$WORK/rootfs" "$DEBIAN_MIRROR" \
+        > "$WORK/debootstrap.log" 2>&1 || { tail -20 "$WORK/debootstrap.log" >&2; exit 1; }
+    rm -rf "$WORK/rootfs/var/cache/apt/archives/"*.deb "$WORK/rootfs/var/lib/apt/lists/"*
+    tar -C "$WORK/rootfs" --numeric-owner -c . | docker import \
+        --change 'CMD ["/bin/bash"]' --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        --message "debootstrap --variant=minbase $DEBIAN_SUITE" - "$STANDIN_ROOTFS_IMAGE" >/dev/null
+    rm -rf "$WORK/rootfs"
+    log "imported $STANDIN_ROOTFS_IMAGE"
+else
+    log "reusing $STANDIN_ROOTFS_IMAGE"
+fi
+
+# 2. Wheels for CPython 3.11 / glibc 2.36 (Debian 12), resolved with this machine's pip setup
+log "pip download: $(tr '\n' ' ' < "$CTX/requirements.txt")"
+PLATFORMS=(--platform manylinux1_x86_64 --platform manylinux2010_x86_64 --platform manylinux2014_x86_64)
+for minor in $(seq 5 36); do PLATFORMS+=(--platform "manylinux_2_${minor}_x86_64"); done
+"$PYTHON" -m pip download --quiet --disable-pip-version-check --dest "$WORK/wheels" \
+    --only-binary=:all: --python-version 3.11 --implementation cp --abi cp311 \
+    "${PLATFORMS[@]}" -r "$CTX/requirements.txt"
+log "wheels: $(du -sh "$WORK/wheels" | cut -f1)"
+
+# 3. Serve them on loopback for the build (no copy into the build context / layers)
+PORT="$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+"$PYTHON" -m http.server --bind 127.0.0.1 --directory "$WORK/wheels" "$PORT" >"$WORK/http.log" 2>&1 &
+SERVER_PID=$!
+for _ in $(seq 50); do
+    "$PYTHON" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PORT/', timeout=1)" 2>/dev/null && break
+    sleep 0.2
+done
+
+log "docker build $STANDIN_IMAGE"
+docker build --network host \
+    --build-arg "BASE_IMAGE=$STANDIN_ROOTFS_IMAGE" \
+    --build-arg "WHEELS_URL=http://127.0.0.1:$PORT/" \
+    --build-arg "INPUTS=$INPUTS" \
+    -t "$STANDIN_IMAGE" "$CTX"
+log "built $STANDIN_IMAGE in $(( $(date +%s) - START ))s"
