@@ -1,0 +1,473 @@
+"""End-to-end tests against a real TorchServe started on free 127.0.0.1 ports.
+
+Servers, each started when a test first needs it and stopped when the module ends,
+whatever happened:
+  server          base_cnn: a random base_cnn archived by deployment/archive.sh at
+                  img_size 64, batch 4 (most tests)
+  vgg_server      vgg: a random VGG19-bn archived the same way (uncompressed archive)
+  shipped_server  every archive in deployment/model-store, under shipped_<model>, with
+                  its shipped model-config (only when there are any)
+TorchServe 0.12 gives a worker process a fixed 2 minutes to start listening (import
+torch included), so workers are started a few at a time, not all at once, on a CPU
+shared with training. The fault test, which kills base_cnn's worker, runs last.
+"""
+import concurrent.futures
+import csv
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+
+import pytest
+import requests
+import yaml
+
+from tests.serving_utils import (REPO_ROOT, SHIPPED_CONFIG, TEST1_DIR, TRAIN_DIR, TorchServe, archive, bomb_png,
+                                 dog_probability, encode, expected_dog_probabilities, fixture_bytes,
+                                 make_checkpoint, read_json_response, run_archive, tiny_png, truncated_jpeg,
+                                 write_model_config)
+
+pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 11+")
+
+IMG_SIZE = 64
+SHIPPED_STORE = os.path.join(REPO_ROOT, "deployment", "model-store")
+SHIPPED = sorted(os.path.basename(p)[:-4] for p in glob.glob(os.path.join(SHIPPED_STORE, "*.mar")))
+TEST1 = ["1.jpg", "2.jpg", "3.jpg", "2124.jpg"]
+GOOD_NAMES = ["cat.0.jpg", "cat.2.jpg", "cat.5.jpg", "dog.0.jpg", "dog.3.jpg", "dog.8.jpg", "dog.11.jpg",
+              "cat.11.jpg"]
+
+
+# ---- fixtures --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("serving"))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(work):
+    directory = os.path.join(work, "checkpoints")
+    os.makedirs(directory)
+    return {name: make_checkpoint(os.path.join(directory), name, IMG_SIZE, seed=1)
+            for name in ("base_cnn", "vgg")}
+
+
+@pytest.fixture(scope="module")
+def store(work, checkpoints):
+    """The model store: the test archives (built by deployment/archive.sh) and the shipped ones."""
+    path = os.path.join(work, "model-store")
+    config = write_model_config(os.path.join(work, "model-config.yaml"), batch_size=4, max_batch_delay=100,
+                                workers=1, response_timeout=120, torch_threads=1)
+    archive(path, "base_cnn", checkpoints["base_cnn"], config_file=config)
+    archive(path, "vgg", checkpoints["vgg"], config_file=config, archive_format="zip-store")
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(work, store):
+    with TorchServe(os.path.join(work, "server"), store, {"base_cnn": "base_cnn.mar"}) as ts:
+        yield ts
+
+
+@pytest.fixture(scope="module")
+def vgg_server(work, store, server):  # after `server`: one worker starting at a time
+    with TorchServe(os.path.join(work, "vgg-server"), store, {"vgg": "vgg.mar"}) as ts:
+        yield ts
+
+
+@pytest.fixture(scope="module")
+def shipped_server(work, server):
+    """The archives of deployment/model-store, each under the name shipped_<model>."""
+    if not SHIPPED:
+        pytest.skip("no archives in deployment/model-store yet (deployment/archive.sh)")
+    models = {"shipped_" + name: name + ".mar" for name in SHIPPED}
+    with TorchServe(os.path.join(work, "shipped-server"), SHIPPED_STORE, models) as ts:
+        yield ts
+
+
+def good_images():
+    return [fixture_bytes(name, TRAIN_DIR) for name in GOOD_NAMES]
+
+
+def assert_answer(response, want_dog_probability, tolerance=1e-5):
+    assert response.status_code == 200, (response.status_code, response.text)
+    answer = read_json_response(response)
+    assert len(answer) == 1 and set(answer) <= {"cat", "dog"}
+    assert 0.5 <= list(answer.values())[0] <= 1.0
+    assert dog_probability(answer) == pytest.approx(want_dog_probability, abs=tolerance)
+
+
+# ---- the archive command ----------------------------------------------------------------------------
+
+def test_archive_skips_a_model_without_checkpoint(tmp_path):
+    export = str(tmp_path / "store")
+    missing = str(tmp_path / "no" / "model_vgg.pth")
+    result = run_archive("--export-path", export, "vgg=" + missing)
+    assert result.returncode == 1, result.stdout
+    assert "skipping vgg: no checkpoint at %s" % missing in result.stdout
+    assert "untrained weights are never archived" in result.stdout
+    assert os.listdir(export) == []
+
+
+def test_archive_refuses_a_checkpoint_of_another_network(tmp_path, checkpoints):
+    export = str(tmp_path / "store")
+    result = run_archive("--export-path", export, "efficientnet_lite0=" + checkpoints["base_cnn"])
+    assert result.returncode == 2, result.stdout
+    assert not os.path.exists(os.path.join(export, "efficientnet_lite0.mar"))
+    assert not [p for p in os.listdir(export) if p.endswith(".tmp")]
+
+
+def test_archive_contents(store):
+    with zipfile.ZipFile(os.path.join(store, "base_cnn.mar")) as mar:
+        names = set(mar.namelist())
+        manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]
+        config = yaml.safe_load(mar.read("model-config.yaml"))
+        meta = json.loads(mar.read("model_base_cnn.json"))
+    assert {"handler.py", "base_cnn.py", "transforms.py", "index_to_name.json", "model_base_cnn.pth",
+            "model_base_cnn.json", "model-config.yaml"} <= names
+    assert manifest["handler"] == "handler.py" and manifest["modelFile"] == "base_cnn.py"
+    assert manifest["serializedFile"] == "model_base_cnn.pth" and manifest["configFile"] == "model-config.yaml"
+    assert config["batchSize"] == 4 and config["minWorkers"] == 1
+    assert meta["conv_net"] == "base_cnn" and meta["img_size"] == IMG_SIZE
+
+
+@pytest.mark.parametrize("name", ["base_cnn", "vgg", "efficientnet_lite0"])
+def test_shipped_model_configs(name):
+    with open(os.path.join(REPO_ROOT, "deployment", "model-config", name + ".yaml")) as f:
+        config = yaml.safe_load(f)
+    assert config["minWorkers"] >= 1 and config["maxWorkers"] >= config["minWorkers"]
+    assert config["batchSize"] >= 1 and config["maxBatchDelay"] <= 50
+    assert config["responseTimeout"] >= 30
+
+
+def test_shipped_config_is_loopback_only_and_locked_down():
+    with open(SHIPPED_CONFIG) as f:
+        settings = dict(line.strip().split("=", 1) for line in f if "=" in line and not line.startswith("#"))
+    for key in ("inference_address", "management_address", "metrics_address"):
+        assert settings[key].startswith("http://127.0.0.1:"), key
+    assert settings["grpc_inference_address"] == settings["grpc_management_address"] == "127.0.0.1"
+    assert settings["enable_model_api"] == "false"
+    assert settings["allowed_urls"] == "^$"
+    assert int(settings["max_request_size"]) == 10 * 1024 * 1024
+
+
+# ---- answers ---------------------------------------------------------------------------------------------
+
+def test_readme_curl_command(server):
+    """The README's command, as written, against this server's port."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl not installed")
+    url = server.predict_url("base_cnn")
+    out = subprocess.run(["curl", "-sS", "-X", "POST", url, "-T", os.path.join(TEST1_DIR, "2124.jpg")],
+                         stdout=subprocess.PIPE, universal_newlines=True, timeout=120, check=True).stdout
+    assert re.fullmatch(r'\{"(cat|dog)": 0\.[0-9]+(e-?[0-9]+)?\}', out), out
+
+
+SERVER_OF = {"base_cnn": "server", "vgg": "vgg_server"}
+
+
+@pytest.mark.parametrize("model", ["base_cnn", "vgg"])
+def test_answers_equal_the_project_code(request, checkpoints, model):
+    ts = request.getfixturevalue(SERVER_OF[model])
+    images = [fixture_bytes(name) for name in TEST1]
+    want = expected_dog_probabilities(model, checkpoints[model], images)
+    for data, prob in zip(images, want):
+        assert_answer(requests.post(ts.predict_url(model), data=data, timeout=120), prob)
+
+
+def _extract_checkpoint(mar_path, directory):
+    """The weights and meta JSON an archive serves, as files predict_main.py can read."""
+    with zipfile.ZipFile(mar_path) as mar:
+        manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]
+        weights = manifest["serializedFile"]
+        meta = os.path.splitext(weights)[0] + ".json"
+        mar.extract(weights, directory)
+        if meta in mar.namelist():
+            mar.extract(meta, directory)
+        conv_net = os.path.splitext(manifest["modelFile"])[0]
+    return conv_net, os.path.join(directory, weights)
+
+
+@pytest.mark.skipif(not SHIPPED, reason="no archives in deployment/model-store yet (deployment/archive.sh)")
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_archive_answers_like_the_project_code(shipped_server, tmp_path, name):
+    conv_net, weights = _extract_checkpoint(os.path.join(SHIPPED_STORE, name + ".mar"), str(tmp_path))
+    images = [fixture_bytes(n) for n in TEST1]
+    for data, prob in zip(images, expected_dog_probabilities(conv_net, weights, images)):
+        assert_answer(requests.post(shipped_server.predict_url("shipped_" + name), data=data, timeout=300), prob)
+
+
+def _predict_main(conv_net, weights, img_dir, csv_path):
+    """predict_main.py's interface: id,label rows where label is P(dog)."""
+    subprocess.run([sys.executable, os.path.join(REPO_ROOT, "predict_main.py"), "--conv_net", conv_net,
+                    "--model_path", weights, "--img_dir", img_dir, "--csv", csv_path],
+                   cwd=REPO_ROOT, check=True, timeout=600)
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    return {os.path.splitext(os.path.basename(str(row["id"])))[0]: float(row["label"]) for row in rows}
+
+
+PREDICT_MAIN_CASES = [("base_cnn", None), ("vgg", None)] + [(None, name) for name in SHIPPED]
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(REPO_ROOT, "predict_main.py")),
+                    reason="predict_main.py not written yet")
+@pytest.mark.parametrize("test_model,shipped", PREDICT_MAIN_CASES,
+                         ids=[m or "shipped_" + s for m, s in PREDICT_MAIN_CASES])
+def test_answers_equal_predict_main(request, checkpoints, tmp_path, test_model, shipped):
+    """The served probability equals predict_main.py's for the same image and weights."""
+    if shipped:
+        ts = request.getfixturevalue("shipped_server")
+        conv_net, weights = _extract_checkpoint(os.path.join(SHIPPED_STORE, shipped + ".mar"), str(tmp_path))
+        served_as = "shipped_" + shipped
+    else:
+        ts = request.getfixturevalue(SERVER_OF[test_model])
+        conv_net, weights, served_as = test_model, checkpoints[test_model], test_model
+    predicted = _predict_main(conv_net, weights, TEST1_DIR, str(tmp_path / "predictions.csv"))
+    assert sorted(predicted) == sorted(os.path.splitext(n)[0] for n in TEST1)
+    for name in TEST1:
+        response = requests.post(ts.predict_url(served_as), data=fixture_bytes(name), timeout=300)
+        assert_answer(response, predicted[os.path.splitext(name)[0]])
+
+
+@pytest.mark.parametrize("variant", ["grayscale", "cmyk_jpeg", "rgba_png", "exif_rotated"])
+def test_image_modes_served(server, checkpoints, variant):
+    from PIL import Image
+    rgb = Image.open(os.path.join(TRAIN_DIR, "dog.4.jpg")).convert("RGB")
+    if variant == "grayscale":
+        data = encode(rgb.convert("L"), "JPEG", quality=95)
+    elif variant == "cmyk_jpeg":
+        data = encode(rgb.convert("CMYK"), "JPEG", quality=95)
+    elif variant == "rgba_png":
+        rgba = rgb.convert("RGBA")
+        rgba.putalpha(200)
+        data = encode(rgba, "PNG")
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        data = encode(rgb.transpose(Image.Transpose.ROTATE_90), "PNG", exif=exif.tobytes())
+    want, = expected_dog_probabilities("base_cnn", checkpoints["base_cnn"], [data])
+    assert_answer(requests.post(server.predict_url("base_cnn"), data=data, timeout=120), want)
+    if variant == "exif_rotated":
+        upright, = expected_dog_probabilities("base_cnn", checkpoints["base_cnn"], [encode(rgb, "PNG")])
+        assert want == pytest.approx(upright, abs=1e-6)
+
+
+# ---- bad input: a clear 4xx, and the next request is served ---------------------------------------
+
+BAD_INPUTS = {
+    "empty_body": (lambda: b"", 400, "EmptyBody"),
+    "not_an_image": (lambda: b"plain text, not an image\n" * 10, 400, "InvalidImage"),
+    "truncated_jpeg": (lambda: truncated_jpeg(fixture_bytes("2124.jpg")), 400, "InvalidImage"),
+    "decompression_bomb": (lambda: bomb_png(30000), 413, "ImageTooLarge"),
+    "one_pixel": (tiny_png, 400, "ImageTooSmall"),
+    "over_size_limit": (lambda: b"\xff\xd8\xff\xe0" + os.urandom(10 * 1024 * 1024), 413, None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_answers_4xx_and_the_worker_keeps_serving(server, checkpoints, case):
+    make, status, error_type = BAD_INPUTS[case]
+    data = make()
+    start = time.monotonic()
+    response = requests.post(server.predict_url("base_cnn"), data=data, timeout=120)
+    elapsed = time.monotonic() - start
+    assert response.status_code == status, response.text
+    if error_type:  # answered by the handler: JSON saying what is wrong
+        body = read_json_response(response)
+        assert body["code"] == status and body["type"] == error_type and body["message"]
+    else:  # over max_request_size: TorchServe answers 413 itself, before the handler sees it
+        assert response.content == b""
+    if case == "decompression_bomb":
+        assert len(data) < 64 * 1024 and elapsed < 5
+    good = fixture_bytes("2124.jpg")
+    want, = expected_dog_probabilities("base_cnn", checkpoints["base_cnn"], [good])
+    assert_answer(requests.post(server.predict_url("base_cnn"), data=good, timeout=120), want)
+
+
+def test_upload_over_limit_with_expect_100_continue(server):
+    """curl sends big uploads with Expect: 100-continue; TorchServe refuses before the body."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl not installed")
+    out = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
+                          "-H", "Content-Type: application/octet-stream", "--data-binary", "@-",
+                          server.predict_url("base_cnn")], input=os.urandom(11 * 1024 * 1024),
+                         stdout=subprocess.PIPE, timeout=120).stdout
+    assert out == b"413"
+
+
+# ---- batching ------------------------------------------------------------------------------------------
+
+def _batches_seen(server, model):
+    """How many batches the model's workers have received so far (from TorchServe's model log)."""
+    pattern = re.compile(r"W-\d+-%s_[\d.]+-stdout MODEL_LOG - Backend received inference" % re.escape(model))
+    return len(pattern.findall(server.model_log()))
+
+
+def test_batch_of_concurrent_requests_with_one_bad(server, checkpoints):
+    images = good_images()[:7]
+    bad_at = 3
+    payloads = images[:bad_at] + [b"definitely not a jpeg"] + images[bad_at:]
+    want = expected_dog_probabilities("base_cnn", checkpoints["base_cnn"], images)
+    barrier = threading.Barrier(len(payloads))
+    batches_before = _batches_seen(server, "base_cnn")
+
+    def send(data):
+        barrier.wait(timeout=60)
+        return requests.post(server.predict_url("base_cnn"), data=data, timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(len(payloads)) as pool:
+        responses = list(pool.map(send, payloads))
+    assert responses[bad_at].status_code == 400 and read_json_response(responses[bad_at])["code"] == 400
+    good = responses[:bad_at] + responses[bad_at + 1:]
+    for response, prob in zip(good, want):
+        assert_answer(response, prob)  # each answer belongs to its own request
+    time.sleep(1)  # the model log is written asynchronously
+    batches = _batches_seen(server, "base_cnn") - batches_before
+    assert 2 <= batches < len(payloads), "8 concurrent requests should have run as a few batches of <= 4"
+
+
+# ---- security -------------------------------------------------------------------------------------------
+
+def _non_loopback_address():
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))  # no packet is sent: this only picks the outgoing interface
+            address = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if address.startswith("127.") else address
+
+
+def test_apis_are_not_reachable_beyond_loopback(server):
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    for port in (server.inference_port, server.management_port, server.metrics_port):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            assert s.connect_ex((address, port)) != 0, "port %d answers on %s" % (port, address)
+
+
+def test_model_api_is_off(server):
+    register = requests.post(server.management_url("models"), params={"url": "http://127.0.0.1:9/x.mar"},
+                             timeout=30)
+    assert 400 <= register.status_code < 500, register.text
+    unregister = requests.delete(server.management_url("models/base_cnn"), timeout=30)
+    assert 400 <= unregister.status_code < 500, unregister.text
+    assert server.ready_pids("base_cnn")
+
+
+def test_explanations_are_refused(server):
+    response = requests.post(server.url("explanations/base_cnn"), data=fixture_bytes("1.jpg"), timeout=120)
+    assert response.status_code == 501 and read_json_response(response)["type"] == "NotImplemented"
+
+
+# ---- load and faults -----------------------------------------------------------------------------------
+
+def _hammer(url, payloads, total, concurrency, on_done=None, deadline_s=600):
+    """POST total requests (cycling through payloads) from `concurrency` threads.
+    Returns [(start, end, status or exception name, index)]."""
+    results = []
+    lock = threading.Lock()
+    counter = iter(range(total))
+    local = threading.local()
+    stop_at = time.monotonic() + deadline_s
+
+    def worker():
+        local.session = requests.Session()
+        while time.monotonic() < stop_at:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            start = time.monotonic()
+            try:
+                status = local.session.post(url, data=payloads[i % len(payloads)], timeout=120).status_code
+            except requests.RequestException as exc:
+                status = type(exc).__name__
+                local.session = requests.Session()
+            with lock:
+                results.append((start, time.monotonic(), status, i))
+            if on_done is not None:
+                on_done(len(results))
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(deadline_s + 150)
+    return results
+
+
+def _percentile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(round(q / 100.0 * len(ordered))) - 1))]
+
+
+def test_load_1000_requests_at_concurrency_16(server, capsys):
+    start = time.monotonic()
+    results = _hammer(server.predict_url("base_cnn"), good_images(), total=1000, concurrency=16)
+    wall = time.monotonic() - start
+    errors = [r for r in results if r[2] != 200]
+    latencies_ms = [(end - begin) * 1000 for begin, end, _, _ in results]
+    with capsys.disabled():
+        print("\nload: %d requests, concurrency 16, %.1f s, %.0f req/s; latency p50 %.0f ms, p99 %.0f ms, "
+              "max %.0f ms; errors %d" % (len(results), wall, len(results) / wall,
+                                          _percentile(latencies_ms, 50), _percentile(latencies_ms, 99),
+                                          max(latencies_ms), len(errors)))
+    assert len(results) == 1000
+    assert errors == []
+
+
+def test_worker_killed_during_load_is_restarted(server, capsys):
+    """Last in the module: it replaces base_cnn's worker."""
+    url = server.predict_url("base_cnn")
+    old_pid, = server.wait_ready("base_cnn")
+    state = {}
+    killed = threading.Event()
+    lock = threading.Lock()
+    total, concurrency = 300, 8
+
+    def on_done(done):
+        if done >= 40 and not killed.is_set():
+            with lock:
+                if killed.is_set():
+                    return
+                state["kill_time"] = time.monotonic()
+                os.kill(old_pid, signal.SIGKILL)  # a worker this server started
+                killed.set()
+
+    results = []
+    runner = threading.Thread(target=lambda: results.extend(
+        _hammer(url, good_images(), total=total, concurrency=concurrency, on_done=on_done)))
+    runner.start()
+    assert killed.wait(300), "load never reached the kill point"
+    new_pid, = server.wait_ready("base_cnn", exclude_pids=(old_pid,), timeout=300)
+    recovered_at = time.monotonic()
+    runner.join(900)
+    assert not runner.is_alive()
+
+    kill_time = state["kill_time"]
+    in_flight = sum(1 for begin, end, _, _ in results if begin <= kill_time < end)
+    failed = [r for r in results if r[2] != 200]
+    after_recovery = [r for r in results if r[0] >= recovered_at]
+    with capsys.disabled():
+        print("\nfault: killed worker %d after %d answers; %d requests in flight; %d failed (%s); "
+              "replacement worker %d ready after %.1f s; %d requests sent after recovery"
+              % (old_pid, 40, in_flight, len(failed), sorted(set(str(r[2]) for r in failed)), new_pid,
+                 recovered_at - kill_time, len(after_recovery)))
+    assert new_pid != old_pid
+    assert len(results) == total
+    assert len(failed) <= in_flight
+    assert after_recovery and all(r[2] == 200 for r in after_recovery)
+    final = requests.post(url, data=fixture_bytes("2124.jpg"), timeout=120)
+    assert final.status_code == 200
