@@ -389,7 +389,7 @@ def test_project_image_answers_like_local_torchserve(project_image, network, mod
         net_args = ["--network", "host"] + [a for k, v in sorted(ports.env().items()) for a in ("-e", "%s=%s" % (k, v))]
     try:
         with timed("project image: start until healthy"):
-            docker("run", "-d", "--name", name, *net_args, project_image, quiet=True)
+            docker("run", "-d", "--init", "--name", name, *net_args, project_image, quiet=True)
             wait_healthy(name)
         # the server runs as model-server, not root
         users = docker("top", name, "-eo", "uid,args", quiet=True).stdout
