@@ -16,7 +16,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # 40 megapixels is well above any photo a phone takes (~12-50 MP is rare) and far
 # below what a decompression bomb claims; checked from the header, before decoding.
 MAX_IMAGE_PIXELS = 40_000_000
-MIN_IMAGE_SIDE = 1
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated upload is an error, not grey pixels
 
