@@ -23,19 +23,8 @@ from dataset import DataError, find_images
 from models import CLASSES, MODELS, load_trained
 from models.checkpoint import CheckpointError, atomic_write_text, read_meta
 from models.transforms import ImageDecodeError, eval_transform, open_rgb
+from parsers import fail, pick_device
 from parsers.predict_parser import build_parser
-
-
-def fail(message):
-    """One line on stderr and exit code 2: bad input is the user's to fix, not a traceback."""
-    print("error: %s" % message, file=sys.stderr)
-    sys.exit(2)
-
-
-def pick_device(name):
-    if name == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for, but no CUDA GPU is available (use --device cpu)")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 def decode(path, transform):

@@ -8,14 +8,9 @@ import torch
 from dataset import DataError, DecodedImages, decode_images, find_labeled_images, stratified_split
 from models import CLASSES, MODELS, PretrainedWeightsError, build_model
 from models.transforms import train_augment
+from parsers import fail, pick_device
 from parsers.train_parser import build_parser
 from train import TrainConfig, Trainer, make_optimizer, warmup_cosine
-
-
-def fail(message):
-    """One line on stderr and exit code 2: bad input is the user's to fix, not a traceback."""
-    print("error: %s" % message, file=sys.stderr)
-    sys.exit(2)
 
 
 def resolve_defaults(config):
@@ -28,12 +23,6 @@ def resolve_defaults(config):
     config.eval_img_size = config.eval_img_size or (spec.eval_img_size if config.img_size == spec.img_size
                                                     else None) or config.img_size
     return config
-
-
-def pick_device(name):
-    if name == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for, but no CUDA GPU is available (use --device cpu)")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 def cpu_has_amx():

@@ -1,36 +1,8 @@
 """Command-line flags of predict_main.py (and the options evaluate_main.py shares with it)."""
 import argparse
-import sys
 
 from models import MODELS
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """A bad flag is one line `error: ...` and exit code 2, like every other user error."""
-
-    def error(self, message):
-        print("error: %s (see --help)" % message, file=sys.stderr)
-        sys.exit(2)
-
-
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("must be a positive integer, got %r" % text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be a positive integer, got %s" % text)
-    return value
-
-
-def non_negative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("must be a non-negative integer, got %r" % text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be a non-negative integer, got %s" % text)
-    return value
+from parsers import OneLineErrorParser, non_negative_int, positive_int  # noqa: F401 (evaluate_parser)
 
 
 def add_model_arguments(p):

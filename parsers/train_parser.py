@@ -2,17 +2,11 @@
 import argparse
 
 from models import MODELS
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be a positive integer, got %s" % text)
-    return value
+from parsers import OneLineErrorParser, positive_int
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         description="Train a Dogs-vs-Cats classifier. The best weights (by validation loss) are saved "
                     "at --model_path; metrics, learning curves and a resume checkpoint go beside them.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
