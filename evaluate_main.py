@@ -175,8 +175,8 @@ def draw_report(report, path):
 
     classes, matrix = report["classes"], report["confusion_matrix"]
     ax = fig.add_subplot(grid[:, 0] if rows < 3 else grid[max(0, rows // 2 - 1):rows // 2 + 1, 0])
-    ax.imshow(matrix, cmap="Blues")
     peak = max(max(row) for row in matrix) or 1
+    ax.imshow(matrix, cmap="Blues", vmin=0, vmax=peak)  # from 0, so the text colour below matches the cell
     for t, row in enumerate(matrix):
         for p, count in enumerate(row):
             ax.text(p, t, str(count), ha="center", va="center", fontsize=14,
