@@ -392,9 +392,9 @@ def test_project_image_answers_like_local_torchserve(project_image, network, mod
             docker("run", "-d", "--init", "--name", name, *net_args, project_image, quiet=True)
             wait_healthy(name)
         # the server runs as model-server, not root
-        users = docker("top", name, "-eo", "uid,args", quiet=True).stdout
-        java = [line for line in users.splitlines() if "org.pytorch.serve.ModelServer" in line]
-        assert java and all(line.split()[0] not in ("0", "root") for line in java), users
+        users = docker("top", name, "-eo", "pid,uid,args", quiet=True).stdout
+        java = [line.split() for line in users.splitlines() if "org.pytorch.serve.ModelServer" in line]
+        assert java and all(fields[1] not in ("0", "root") for fields in java), users
         with timed("project image: classify"):
             answers = classify_all(ports.base_url, models)
         for (model, image), answer in sorted(answers.items()):
