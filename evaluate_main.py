@@ -11,7 +11,6 @@ decoding, preprocessing and batching as the submission CSV.
 import json
 import math
 import os
-import sys
 
 from dataset import DataError, find_labeled_images, stratified_split
 from models import CLASSES
