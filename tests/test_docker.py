@@ -391,10 +391,11 @@ def test_project_image_answers_like_local_torchserve(project_image, network, mod
         with timed("project image: start until healthy"):
             docker("run", "-d", "--init", "--name", name, *net_args, project_image, quiet=True)
             wait_healthy(name)
-        # the server runs as model-server, not root
-        users = docker("top", name, "-eo", "pid,uid,args", quiet=True).stdout
-        java = [line.split() for line in users.splitlines() if "org.pytorch.serve.ModelServer" in line]
-        assert java and all(fields[1] not in ("0", "root") for fields in java), users
+        # nothing in the container runs as root: not the frontend (java), not the workers
+        processes = [line.split(None, 2) for line in
+                     docker("top", name, "-eo", "pid,uid,args", quiet=True).stdout.splitlines()[1:] if line.strip()]
+        assert any(args.startswith("java") for _, _, args in processes), processes
+        assert all(uid not in ("0", "root") for _, uid, _ in processes), processes
         with timed("project image: classify"):
             answers = classify_all(ports.base_url, models)
         for (model, image), answer in sorted(answers.items()):
