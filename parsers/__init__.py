@@ -26,21 +26,26 @@ class OneLineErrorParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("must be a positive integer, got %r" % text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be a positive integer, got %s" % text)
-    return value
+def int_at_least(minimum, what):
+    """An argparse type: an integer >= minimum; anything else is a one-line error naming `what`."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError("must be a %s integer, got %r" % (what, text))
+        return value
+    parse.__name__ = "%s integer" % what  # argparse names the type in its own messages
+    return parse
 
 
-def non_negative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("must be a non-negative integer, got %r" % text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be a non-negative integer, got %s" % text)
-    return value
+positive_int = int_at_least(1, "positive")
+non_negative_int = int_at_least(0, "non-negative")
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show '(default: X)' only where there is a single default; per-model defaults say so in their help."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)

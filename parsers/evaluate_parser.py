@@ -1,14 +1,14 @@
 """Command-line flags of evaluate_main.py."""
-import argparse
 
-from parsers.predict_parser import OneLineErrorParser, add_model_arguments, non_negative_int
+from parsers import DefaultsHelpFormatter, OneLineErrorParser, non_negative_int
+from parsers.predict_parser import add_model_arguments
 
 
 def build_parser():
     p = OneLineErrorParser(
         description="Score a trained model on labeled images: accuracy, log loss (as Kaggle scores it), "
                     "confusion matrix, per-class precision and recall, and the most confidently wrong images.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     add_model_arguments(p)
     p.add_argument("--data_dir", default=None,
                    help="labeled images: flat Kaggle layout (cat.N.jpg, dog.N.jpg) or cat/ and dog/ sub-folders "

@@ -1,8 +1,7 @@
 """Command-line flags of predict_main.py (and the options evaluate_main.py shares with it)."""
-import argparse
 
 from models import MODELS
-from parsers import OneLineErrorParser, non_negative_int, positive_int  # noqa: F401 (evaluate_parser)
+from parsers import DefaultsHelpFormatter, OneLineErrorParser, non_negative_int, positive_int
 
 
 def add_model_arguments(p):
@@ -21,7 +20,7 @@ def build_parser():
     p = OneLineErrorParser(
         description="Classify images as cat or dog with a trained model: one image (prints the label and "
                     "draws the image with it), or a whole folder (writes a Kaggle submission CSV).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     add_model_arguments(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--img_path", help="one image to classify and show")

@@ -40,7 +40,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest

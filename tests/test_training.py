@@ -7,7 +7,6 @@ import time
 
 import pytest
 import torch
-from PIL import Image
 
 from conftest import ROOT, TRAIN_IMAGES, run_cli
 from dataset import DecodedImages, decode_images, find_labeled_images

@@ -9,7 +9,7 @@ ImageNet weights load by name with no remapping.
 Lite variants drop squeeze-and-excitation and swish (ReLU6 instead) and keep a
 fixed 32-channel stem and 1280-channel head.
 """
-import torch
+
 from torch import nn
 
 # (repeats, kernel, stride, expand ratio, in channels, out channels) per stage.
