@@ -12,9 +12,9 @@ single   one image at a time: latency p50 / p99 / mean.
 batched  N images decoded and preprocessed one by one, stacked, one forward pass:
          images/s for each --batch_sizes; also the forward pass alone at the largest.
 
-Two memory layouts per model: channels_last, what predict_main.py and evaluate_main.py
-run (the project's in-process path: the ceiling the server is measured against), and
-NCHW (contiguous), what models/handler.py runs inside TorchServe.
+Two memory layouts per model: channels_last, what predict_main.py, evaluate_main.py and
+models/handler.py run (the project's path: the ceiling the server is measured against),
+and NCHW (contiguous), PyTorch's default, for comparison.
 """
 import argparse
 import os
@@ -163,7 +163,7 @@ def render(rows):
                + ["batch %d img/s" % b for b in batch_sizes] + ["forward only img/s (batch %d)" % batch_sizes[-1]])
     table = []
     for r in rows:
-        table.append([r["conv_net"], r["layout"] + (" (project)" if r["layout"] == "channels_last" else " (handler)"),
+        table.append([r["conv_net"], r["layout"] + (" (project)" if r["layout"] == "channels_last" else " (default)"),
                       r["img_size"], fmt(r["single_p50_ms"], 2), fmt(r["single_p99_ms"], 2),
                       fmt(r["single_mean_ms"], 2)]
                      + [fmt(r["batched_img_s"].get(str(b))) for b in batch_sizes] + [fmt(r["forward_only_img_s"])])

@@ -82,7 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--inprocess_single", type=int, default=60)
     p.add_argument("--inprocess_batched", type=int, default=128)
     p.add_argument("--inprocess_nchw", action="store_true",
-                   help="also measure in-process inference in NCHW, the handler's layout (bench/inference.py does)")
+                   help="also measure in-process inference in NCHW, PyTorch's default layout (bench/inference.py does)")
     p.add_argument("--variants", nargs="+", default=None, metavar="NAME",
                    help="with --grid: only these grid settings (default: all of %s)" % [g[0] for g in GRID])
     p.add_argument("--max_workers_per_server", type=int, default=6,

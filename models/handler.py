@@ -116,6 +116,8 @@ class DogsVsCatsHandler(ImageClassifier):
 
         self.meta = self._read_meta(model_dir, context.manifest)
         super().initialize(context)  # device, model (via _load_pickled_model), label mapping
+        # channels_last, as in training and predict_main.py: 1.1-2x faster convolutions on CPU.
+        self.model = self.model.to(memory_format=torch.channels_last)
 
         img_size = self.meta.get("img_size") or handler_config.get("img_size")
         if not img_size:
@@ -212,7 +214,10 @@ class DogsVsCatsHandler(ImageClassifier):
 
     def preprocess(self, data):
         """Stock signature: every row must be good (handle() is the per-request path)."""
-        return torch.stack([self.preprocess_one(row) for row in data]).to(self.device)
+        return self._batch([self.preprocess_one(row) for row in data])
+
+    def _batch(self, tensors):
+        return torch.stack(tensors).to(self.device).contiguous(memory_format=torch.channels_last)
 
     def postprocess(self, data):
         """Logits -> one JSON answer per row: {"label": probability of the top class}."""
@@ -260,7 +265,7 @@ class DogsVsCatsHandler(ImageClassifier):
                                              "the image could not be processed")
 
         if tensors:
-            logits = self.inference(torch.stack(tensors).to(self.device))
+            logits = self.inference(self._batch(tensors))
             for idx, answer in zip(positions, self.postprocess(logits)):
                 responses[idx] = answer
                 _set_status(context, idx, 200)
