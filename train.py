@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models import CLASSES
 from models.checkpoint import atomic_torch_save, atomic_write_text, save_model, sidecar_path
 from models.transforms import normalize
 
@@ -28,11 +27,11 @@ class TrainConfig:
     data_dir: str = "data/train"
     model_path: Optional[str] = None
     epochs: Optional[int] = None
-    batch_size: int = 32
+    batch_size: Optional[int] = None
     lr: Optional[float] = None
-    weight_decay: float = 0.0
+    weight_decay: Optional[float] = None
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    optimizer: str = "adam"
+    optimizer: Optional[str] = None
     validation_split: float = 0.1
     dropout: Optional[float] = None
     img_size: Optional[int] = None
@@ -81,6 +80,17 @@ def _prepare(images, device):
     return x.contiguous(memory_format=torch.channels_last)
 
 
+def train_step(model, x, y, optimizer, device, precision):
+    """One optimizer step on a prepared batch; returns (loss, logits). The benchmark times this too."""
+    with _autocast(device, precision):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, logits
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, device, precision, desc="train", max_steps=None):
     """One pass over `loader`; returns (mean loss, accuracy)."""
     model.train()
@@ -89,13 +99,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, precision, desc
     for step, (images, labels) in enumerate(bar):
         if max_steps is not None and step >= max_steps:
             break
-        x, y = _prepare(images, device), labels.to(device)
-        with _autocast(device, precision):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        y = labels.to(device)
+        loss, logits = train_step(model, _prepare(images, device), y, optimizer, device, precision)
         scheduler.step()
         total_loss += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()

@@ -6,7 +6,7 @@ from dataclasses import asdict
 import torch
 
 from dataset import DataError, DecodedImages, decode_images, find_labeled_images, stratified_split
-from models import CLASSES, MODELS, PretrainedWeightsError, build_model
+from models import CLASSES, MODELS, PretrainedWeightsError, build_model, smallest_img_size
 from models.transforms import train_augment
 from parsers import fail, pick_device
 from parsers.train_parser import build_parser
@@ -18,6 +18,9 @@ def resolve_defaults(config):
     config.model_path = config.model_path or spec.default_model_path
     config.epochs = config.epochs or spec.epochs
     config.lr = config.lr if config.lr is not None else spec.lr
+    config.optimizer = config.optimizer or spec.optimizer
+    config.weight_decay = config.weight_decay if config.weight_decay is not None else spec.weight_decay
+    config.batch_size = config.batch_size or spec.batch_size
     config.dropout = config.dropout if config.dropout is not None else spec.dropout
     config.img_size = config.img_size or spec.img_size
     config.eval_img_size = config.eval_img_size or (spec.eval_img_size if config.img_size == spec.img_size
@@ -59,9 +62,18 @@ def load_data(config):
     return train_set, val_set
 
 
+def check_img_sizes(config):
+    """Refuse an image size the model cannot take before spending minutes decoding images."""
+    minimum = smallest_img_size(config.conv_net)
+    for flag, size in (("--img_size", config.img_size), ("--eval_img_size", config.eval_img_size)):
+        if size < minimum:
+            fail("%s %d is too small for %s: it needs at least %d px" % (flag, size, config.conv_net, minimum))
+
+
 def build_trainer(config):
     device = pick_device(config.device)
     precision = pick_precision(config.precision, device)
+    check_img_sizes(config)
     torch.manual_seed(config.seed)
     train_set, val_set = load_data(config)
     model = build_model(config.conv_net, config.dropout, pretrained=not config.random_init,

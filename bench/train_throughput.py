@@ -85,11 +85,10 @@ class NaiveFiles(object):
             return self.transform(img.convert("RGB")), label
 
 
-def timed_steps(model, loader, prepare, warmup, steps, autocast=None):
-    """Run warmup + steps optimizer steps over one iterator; return (images, seconds) of the timed ones."""
-    import contextlib
-    import torch.nn.functional as F
-    from train import make_optimizer
+def timed_steps(model, loader, prepare, warmup, steps, precision="fp32"):
+    """Run warmup + steps of train.py's own train_step over one iterator; return (images, seconds) of the timed ones."""
+    import torch
+    from train import make_optimizer, train_step
     optimizer = make_optimizer("adam", model.parameters(), 1e-4, 0.0, [0.9, 0.999])
     model.train()
     iterator = iter(loader)
@@ -99,13 +98,7 @@ def timed_steps(model, loader, prepare, warmup, steps, autocast=None):
         if step == warmup:
             start = time.perf_counter()
         batch, labels = next(iterator)
-        x = prepare(batch)
-        with (autocast() if autocast else contextlib.nullcontext()):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss, _ = train_step(model, prepare(batch), labels, optimizer, torch.device("cpu"), precision)
         loss.item()
         if step >= warmup:
             images += len(labels)
@@ -120,13 +113,13 @@ def bench_model(conv_net, samples, args, total_images):
     from dataset import DecodedImages, decode_images
     from models import MODELS, build_model
     from models.transforms import train_augment
-    from train import TrainConfig, _autocast, _prepare
+    from train import TrainConfig, _prepare
     from train_main import pick_precision
 
     defaults = TrainConfig()
     spec = MODELS[conv_net]
     img_size = args.img_size or spec.img_size
-    batch_size = args.batch_size or defaults.batch_size
+    batch_size = args.batch_size or spec.batch_size
     needed = (args.warmup + args.steps) * batch_size
     rng = random.Random(args.seed)
     subset = [samples[i % len(samples)] for i in rng.sample(range(len(samples)), min(needed, len(samples)))]
@@ -167,8 +160,7 @@ def bench_model(conv_net, samples, args, total_images):
     def prepare(batch):
         return _prepare(batch, device)
 
-    images, seconds = timed_steps(model, loader, prepare, args.warmup, args.steps,
-                                  autocast=lambda: _autocast(device, precision))
+    images, seconds = timed_steps(model, loader, prepare, args.warmup, args.steps, precision)
     result["project_img_s"] = images / seconds
     print("  %s project: %d images in %.2f s" % (conv_net, images, seconds), file=sys.stderr)
 

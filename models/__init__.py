@@ -34,6 +34,9 @@ class ModelSpec:
     dropout: float  # default dropout of the classifier
     lr: float  # default learning rate (from scratch: higher; fine-tuning: lower)
     epochs: int  # default number of epochs
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    batch_size: int = 32
     # Resolution for validation, prediction and serving. Random-resized-crop training
     # shows objects larger than a plain resize does, so testing a little above the
     # training size matches them better ("FixRes", Touvron et al. 2019).
@@ -87,7 +90,8 @@ def _pretrain_vgg(model, path=None):
 
 
 MODELS = {
-    "base_cnn": ModelSpec(BaseCNN, "models/base_cnn/base_cnn.py", img_size=64, dropout=0.3, lr=2e-3, epochs=12),
+    "base_cnn": ModelSpec(BaseCNN, "models/base_cnn/base_cnn.py", img_size=112, dropout=0.3, lr=2e-3, epochs=25,
+                          optimizer="adamw", weight_decay=0.05, batch_size=64),
     "vgg": ModelSpec(VGG, "models/vgg/vgg.py", img_size=224, dropout=0.5, lr=1e-4, epochs=5,
                      load_pretrained=_pretrain_vgg),
     "efficientnet_lite0": ModelSpec(EfficientNetLite0, "models/efficientnet_lite0/efficientnet_lite0.py",
@@ -103,6 +107,31 @@ def build_model(name, dropout=None, pretrained=False, pretrained_weights=None):
     if pretrained and spec.load_pretrained is not None:
         spec.load_pretrained(model, pretrained_weights)
     return model
+
+
+def accepts_img_size(model, img_size):
+    """Whether `model` can classify img_size x img_size images (too small: a pooling layer has nothing left)."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, img_size, img_size))
+        return True
+    except RuntimeError:
+        return False
+    finally:
+        model.train(was_training)
+
+
+def smallest_img_size(name):
+    """The smallest square input `name` accepts (its pooling layers need a few pixels each)."""
+    model = MODELS[name].cls()
+    fails, works = 0, 16
+    while not accepts_img_size(model, works):
+        fails, works = works, works * 2
+    while works - fails > 1:  # binary search: `fails` is too small, `works` is not
+        mid = (fails + works) // 2
+        fails, works = (fails, mid) if accepts_img_size(model, mid) else (mid, works)
+    return works
 
 
 def load_trained(conv_net, model_path):

@@ -1,15 +1,14 @@
 """Command-line flags of train_main.py. Defaults marked 'per model' come from models.MODELS."""
-import argparse
 
 from models import MODELS
-from parsers import OneLineErrorParser, positive_int
+from parsers import DefaultsHelpFormatter, OneLineErrorParser, positive_int
 
 
 def build_parser():
     p = OneLineErrorParser(
         description="Train a Dogs-vs-Cats classifier. The best weights (by validation loss) are saved "
                     "at --model_path; metrics, learning curves and a resume checkpoint go beside them.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     defaults = ", ".join("%s: %s" % (n, s.img_size) for n, s in MODELS.items())
     p.add_argument("--conv_net", choices=sorted(MODELS), default="base_cnn", help="model to train")
     p.add_argument("--data_dir", default="data/train",
@@ -18,13 +17,16 @@ def build_parser():
                    "(default: models/<conv_net>/model_<conv_net>.pth)")
     p.add_argument("--epochs", type=positive_int, default=None, help="epochs (default per model: %s)"
                    % ", ".join("%s: %d" % (n, s.epochs) for n, s in MODELS.items()))
-    p.add_argument("--batch_size", type=positive_int, default=32, help="images per step")
+    p.add_argument("--batch_size", type=positive_int, default=None, help="images per step (default per model: %s)"
+                   % ", ".join("%s: %d" % (n, s.batch_size) for n, s in MODELS.items()))
     p.add_argument("--lr", type=float, default=None, help="peak learning rate of the warm-up + cosine schedule "
                    "(default per model: %s)" % ", ".join("%s: %g" % (n, s.lr) for n, s in MODELS.items()))
-    p.add_argument("--weight_decay", type=float, default=0.0, help="weight decay")
+    p.add_argument("--weight_decay", type=float, default=None, help="weight decay (default per model: %s)"
+                   % ", ".join("%s: %g" % (n, s.weight_decay) for n, s in MODELS.items()))
     p.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999], metavar=("B1", "B2"),
                    help="Adam betas (SGD uses B1 as momentum)")
-    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam", help="optimizer")
+    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default=None, help="optimizer (default per "
+                   "model: %s)" % ", ".join("%s: %s" % (n, s.optimizer) for n, s in MODELS.items()))
     p.add_argument("--dropout", type=float, default=None, help="dropout of the classifier (default per model: %s)"
                    % ", ".join("%s: %g" % (n, s.dropout) for n, s in MODELS.items()))
     p.add_argument("--validation_split", type=float, default=0.1,

@@ -17,7 +17,7 @@ from models.checkpoint import save_model
 CAT, DOG = CLASSES.index("cat"), CLASSES.index("dog")
 
 
-def saved_model(path, img_size=16):
+def saved_model(path, img_size=32):
     torch.manual_seed(0)
     save_model(build_model("base_cnn"), dict(conv_net="base_cnn", img_size=img_size, classes=list(CLASSES),
                                              dropout=0.3), str(path))
@@ -99,7 +99,7 @@ def test_json_report_png_and_a_corrupt_file(tmp_path, random_model, flat_data, c
     report = run_evaluate(tmp_path, "--model_path", random_model, "--data_dir", flat_data, "--report", png,
                           "--worst", 5)
     assert report["images"] == 24 and report["skipped"] == [str(flat_data / "cat.99.jpg")]
-    assert report["img_size"] == 16 and report["conv_net"] == "base_cnn" and report["classes"] == ["cat", "dog"]
+    assert report["img_size"] == 32 and report["conv_net"] == "base_cnn" and report["classes"] == ["cat", "dog"]
     assert 0 <= report["accuracy"] <= 1 and report["log_loss"] > 0
     worst = report["worst_mistakes"]
     assert len(worst) == min(5, report["mistakes"])
@@ -115,7 +115,7 @@ def trained(tmp_path_factory):
     """A tiny model trained by train_main.py with half of the fixture images held out."""
     path = tmp_path_factory.mktemp("trained") / "model.pth"
     train_main.main(["--conv_net", "base_cnn", "--data_dir", TRAIN_IMAGES, "--model_path", str(path),
-                     "--epochs", "1", "--img_size", "24", "--batch_size", "8", "--validation_split", "0.5",
+                     "--epochs", "1", "--img_size", "32", "--batch_size", "8", "--validation_split", "0.5",
                      "--seed", "3", "--num_workers", "0"])
     return str(path), json.loads(path.with_suffix(".json").read_text())
 
@@ -125,7 +125,7 @@ def test_validation_split_reproduces_trainings_accuracy(tmp_path, trained):
     report = run_evaluate(tmp_path, "--model_path", path, "--split", "val")
     _, val = stratified_split(find_labeled_images(TRAIN_IMAGES), 0.5, 3)
     assert report["images"] == len(val) == 12 and report["data_dir"] == TRAIN_IMAGES
-    assert report["img_size"] == 24  # from the meta JSON, no flag
+    assert report["img_size"] == 32  # from the meta JSON, no flag
     assert report["accuracy"] == meta["val_acc"]
     assert report["log_loss"] == pytest.approx(meta["val_loss"], abs=1e-5)
     assert report["training"] == dict(epoch=1, val_acc=meta["val_acc"], val_loss=meta["val_loss"])

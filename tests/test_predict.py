@@ -17,7 +17,7 @@ from models.transforms import eval_transform, open_rgb
 IDS = ["1", "2", "3", "2124"]  # test1's fixture images, numeric order (alphabetical would put 2124 before 3)
 
 
-def saved_model(path, conv_net="base_cnn", img_size=16, seed=0):
+def saved_model(path, conv_net="base_cnn", img_size=32, seed=0):
     """A randomly initialised model saved as training saves one (weights + meta JSON)."""
     torch.manual_seed(seed)
     model = build_model(conv_net)
@@ -64,7 +64,7 @@ def test_folder_writes_a_kaggle_submission(tmp_path, model_path, capsys):
         p = float(text)
         assert 0.0 <= p <= 1.0
         assert text == repr(p)  # full precision, nothing rounded away
-        assert p == pytest.approx(expected_p_dog(model_path, 16, os.path.join(TEST_IMAGES, image_id + ".jpg")),
+        assert p == pytest.approx(expected_p_dog(model_path, 32, os.path.join(TEST_IMAGES, image_id + ".jpg")),
                                   abs=1e-6)
     assert "wrote 4 predictions to %s" % out in capsys.readouterr().out
 
@@ -120,12 +120,12 @@ def test_nothing_readable_is_exit_2_and_no_csv(tmp_path, model_path):
 
 def test_model_trained_at_another_size_needs_no_flag(tmp_path):
     """img_size comes from the meta JSON beside the weights."""
-    path = saved_model(tmp_path / "m24.pth", img_size=24, seed=1)
+    path = saved_model(tmp_path / "m40.pth", img_size=40, seed=1)
     predictor = predict_main.Predictor("base_cnn", path)
-    assert predictor.img_size == 24
+    assert predictor.img_size == 40
     image = os.path.join(TEST_IMAGES, "2124.jpg")
     (_, probs), = predictor.predict_files([image])
-    assert probs[predictor.dog_index] == pytest.approx(expected_p_dog(path, 24, image), abs=1e-6)
+    assert probs[predictor.dog_index] == pytest.approx(expected_p_dog(path, 40, image), abs=1e-6)
     assert abs(sum(probs) - 1) < 1e-6
 
 
@@ -135,7 +135,7 @@ def test_one_image_prints_label_and_probability_and_saves_the_figure(tmp_path, m
     fig = tmp_path / "figs" / "fig.png"
     image = os.path.join(TEST_IMAGES, "2124.jpg")
     label, prob = predict_main.predict_image(predict_main.Predictor("base_cnn", model_path), image, str(fig))
-    p_dog = expected_p_dog(model_path, 16, image)
+    p_dog = expected_p_dog(model_path, 32, image)
     assert label == ("dog" if p_dog > 0.5 else "cat")
     assert prob == pytest.approx(max(p_dog, 1 - p_dog), abs=1e-6)
     out = capsys.readouterr().out

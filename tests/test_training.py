@@ -10,7 +10,7 @@ import torch
 
 from conftest import ROOT, TRAIN_IMAGES, run_cli
 from dataset import DecodedImages, decode_images, find_labeled_images
-from models import MODELS, build_model, efficientnet_lite0_imagenet_state_dict
+from models import MODELS, build_model, efficientnet_lite0_imagenet_state_dict, smallest_img_size
 from models.efficientnet_lite0.efficientnet_lite0 import EfficientNetLite0
 from models.transforms import eval_transform, open_rgb
 from train import TrainConfig, Trainer, evaluate, is_improvement, make_optimizer, train_one_epoch
@@ -126,6 +126,17 @@ def test_resume_without_checkpoint_exits_2(tmp_path):
     result = run_cli("train_main.py", "--data_dir", TRAIN_IMAGES, "--model_path", tmp_path / "m.pth", "--resume",
                      "--img_size", 32, "--dry-run", "--num_workers", 0)
     assert result.returncode == 2 and "no checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--img_size", "--eval_img_size"])
+def test_too_small_image_size_exits_2_before_decoding(tmp_path, flag):
+    assert smallest_img_size("base_cnn") > 16
+    result = run_cli("train_main.py", "--data_dir", TRAIN_IMAGES, "--model_path", tmp_path / "m.pth",
+                     "--img_size", 32, flag, 16, "--dry-run", "--num_workers", 0)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: %s 16 is too small for base_cnn: it needs at least %d px" % (flag, smallest_img_size("base_cnn"))]
+    assert not (tmp_path / "m.pth").exists()
 
 
 def test_efficientnet_checkpoint_loads_exactly_and_classifies_a_cat_and_a_dog():
