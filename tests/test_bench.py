@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from models import MODELS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -52,7 +54,7 @@ def test_inference_smoke(tmp_path):
     for r in rows:
         assert r["single_p50_ms"] > 0 and r["single_p99_ms"] >= r["single_p50_ms"]
         assert r["best_batched_img_s"] > 0 and r["forward_only_img_s"] > 0
-        assert r["img_size"] == 64
+        assert r["img_size"] == MODELS["base_cnn"].img_size  # random weights at the model's default size
     assert len(lines) == 2 + len(rows)
 
 
