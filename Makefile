@@ -28,9 +28,11 @@ test: setup
 archives: setup
 	deployment/archive.sh $(MODELS)
 
+# TorchServe keeps writing its log to the terminal it was started from; send that to a file.
 serve: setup
+	@mkdir -p logs
 	torchserve --start --ncs --ts-config deployment/config.properties --model-store deployment/model-store \
-	    --models $(foreach m,$(MODELS),$(m)=$(m).mar)
+	    --models $(foreach m,$(MODELS),$(m)=$(m).mar) > logs/console.log 2>&1
 	@for m in $(MODELS); do \
 	    for i in $$(seq 120); do \
 	        curl -s http://127.0.0.1:8081/models/$$m | grep -q '"READY"' && break; sleep 1; \
@@ -40,7 +42,7 @@ serve: setup
 	        printf '%s %s -> ' $$m $$img; curl -s -X POST http://127.0.0.1:8080/predictions/$$m -T $$img; echo; \
 	    done; \
 	done
-	@echo "TorchServe is running on 127.0.0.1:8080 (stop it with: make stop)"
+	@echo "TorchServe is running on 127.0.0.1:8080 (logs in logs/; stop it with: make stop)"
 
 stop:
 	-torchserve --stop
