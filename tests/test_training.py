@@ -208,3 +208,16 @@ def test_original_readme_examples_run_as_written(tmp_path, index):
     result = run_cli("train_main.py", *args, *extra)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "m.pth").exists()
+
+
+@pytest.mark.parametrize("conv_net", sorted(MODELS))
+def test_unset_flags_take_the_registry_recipe_and_set_flags_win(conv_net):
+    from parsers.train_parser import build_parser
+    from train_main import resolve_defaults
+    spec = MODELS[conv_net]
+    config = resolve_defaults(TrainConfig(**vars(build_parser().parse_args(["--conv_net", conv_net]))))
+    assert (config.optimizer, config.weight_decay, config.batch_size, config.lr, config.epochs, config.img_size) == (
+        spec.optimizer, spec.weight_decay, spec.batch_size, spec.lr, spec.epochs, spec.img_size)
+    flags = ["--conv_net", conv_net, "--optimizer", "sgd", "--weight_decay", "0", "--batch_size", "7", "--lr", "0.5"]
+    config = resolve_defaults(TrainConfig(**vars(build_parser().parse_args(flags))))
+    assert (config.optimizer, config.weight_decay, config.batch_size, config.lr) == ("sgd", 0.0, 7, 0.5)
