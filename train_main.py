@@ -13,16 +13,16 @@ from parsers.train_parser import build_parser
 from train import TrainConfig, Trainer, make_optimizer, warmup_cosine
 
 
+# Flags whose default is the model's own (models.MODELS), used wherever the flag was not given.
+PER_MODEL_DEFAULTS = ("epochs", "lr", "optimizer", "weight_decay", "batch_size", "dropout", "img_size")
+
+
 def resolve_defaults(config):
     spec = MODELS[config.conv_net]
     config.model_path = config.model_path or spec.default_model_path
-    config.epochs = config.epochs or spec.epochs
-    config.lr = config.lr if config.lr is not None else spec.lr
-    config.optimizer = config.optimizer or spec.optimizer
-    config.weight_decay = config.weight_decay if config.weight_decay is not None else spec.weight_decay
-    config.batch_size = config.batch_size or spec.batch_size
-    config.dropout = config.dropout if config.dropout is not None else spec.dropout
-    config.img_size = config.img_size or spec.img_size
+    for name in PER_MODEL_DEFAULTS:
+        if getattr(config, name) is None:
+            setattr(config, name, getattr(spec, name))
     config.eval_img_size = config.eval_img_size or (spec.eval_img_size if config.img_size == spec.img_size
                                                     else None) or config.img_size
     return config

@@ -14,7 +14,7 @@ project  train_main.py's default path: every image decoded once, resized to S an
          workers, per-batch normalization, channels_last model and inputs, and the
          precision `--precision auto` picks (fp32 on a CPU without AMX).
 
-Both run the same optimizer step (Adam, cross-entropy) for --warmup steps, then
+Both run train.py's own train_step (Adam, cross-entropy) for --warmup steps, then
 --steps timed steps over one DataLoader iterator; images/s = timed images / seconds.
 The project path's one-time decode is timed separately on --decode_sample images and
 projected to the whole data folder; "amortized" spreads it over the model's default
@@ -39,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--models", nargs="+", default=list(SHIPPED_MODELS), choices=list(SHIPPED_MODELS) + ["vgg"])
     p.add_argument("--steps", type=int, default=15, help="timed optimizer steps per path")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
-    p.add_argument("--batch_size", type=int, default=None, help="default: train_main.py's (32)")
+    p.add_argument("--batch_size", type=int, default=None, help="default: each model's training batch size")
     p.add_argument("--img_size", type=int, default=None, help="default: each model's training size")
     p.add_argument("--naive_workers", type=int, default=2, help="DataLoader workers of the naive path")
     p.add_argument("--decode_sample", type=int, default=1024,
