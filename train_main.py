@@ -6,7 +6,7 @@ from dataclasses import asdict
 import torch
 
 from dataset import DataError, DecodedImages, decode_images, find_labeled_images, stratified_split
-from models import CLASSES, MODELS, PretrainedWeightsError, build_model, smallest_img_size
+from models import CLASSES, MODELS, PretrainedWeightsError, build_model, set_serving_size, smallest_img_size
 from models.transforms import train_augment
 from parsers import fail, pick_device
 from parsers.train_parser import build_parser
@@ -78,6 +78,7 @@ def build_trainer(config):
     train_set, val_set = load_data(config)
     model = build_model(config.conv_net, config.dropout, pretrained=not config.random_init,
                         pretrained_weights=config.pretrained_weights)
+    set_serving_size(model, config.eval_img_size)
     model = model.to(device).to(memory_format=torch.channels_last)  # NHWC: ~2x faster convolutions on CPU
     optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay, config.betas)
     steps_per_epoch = -(-len(train_set) // config.batch_size)

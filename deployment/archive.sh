@@ -9,10 +9,12 @@
 # weights are never archived as the shipped model. Each checkpoint is loaded
 # into its network first, so a wrong or corrupt file fails here, not in the server.
 #
-# Per archive (the original README's command, plus what the handler needs):
+# Per archive: the original README's command, plus two files the handler does not need for a
+# correct answer (it reads the input size from the weights): the meta JSON, for describe and
+# for models without an img_size buffer, and the model config (workers, batching, threads):
 #   torch-model-archiver --model-name NAME --version 1.0 --model-file models/NAME/NAME.py
 #     --serialized-file models/NAME/model_NAME.pth --handler models/handler.py
-#     --extra-files models/index_to_name.json,models/transforms.py,<the checkpoint's meta JSON>
+#     --extra-files models/index_to_name.json,<the checkpoint's meta JSON>
 #     --config-file deployment/model-config/NAME.yaml (packed as model-config.yaml)
 #     --export-path deployment/model-store
 #
@@ -21,7 +23,12 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-ALL_MODELS=(base_cnn vgg efficientnet_lite0)
+# The project's Python (for the registry and the checkpoint check) and archiver: the virtualenv's when there is one.
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
+fi
+# The model names come from the registry (models.MODELS), never from a list here.
+read -r -a ALL_MODELS <<< "$(cd "$ROOT" && "$PYTHON" -c 'from models import MODELS; print(*MODELS)')"
 
 usage() {
     cat <<EOF
@@ -75,10 +82,6 @@ if [ -n "$CONFIG_FILE" ] && [ ! -f "$CONFIG_FILE" ]; then
     echo "error: no config file $CONFIG_FILE" >&2; exit 2
 fi
 
-# The project's Python (for the checkpoint check) and archiver: the virtualenv's when there is one.
-if [ -z "${PYTHON:-}" ]; then
-    if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
-fi
 if [ -z "${TORCH_MODEL_ARCHIVER:-}" ]; then
     if [ -x "$ROOT/.venv/bin/torch-model-archiver" ]; then
         TORCH_MODEL_ARCHIVER="$ROOT/.venv/bin/torch-model-archiver"
@@ -157,7 +160,7 @@ PY
             --model-file "$ROOT/models/$name/$name.py" \
             --serialized-file "$checkpoint" \
             --handler "$ROOT/models/handler.py" \
-            --extra-files "$ROOT/models/index_to_name.json,$ROOT/models/transforms.py,$STAGE/$stem.json" \
+            --extra-files "$ROOT/models/index_to_name.json,$STAGE/$stem.json" \
             --config-file "$STAGE/model-config.yaml" \
             --archive-format "$FORMAT" \
             --export-path "$STAGE/out"; then

@@ -1,21 +1,26 @@
-"""TorchServe handler shared by every Dogs-vs-Cats model.
+"""TorchServe handler shared by every Dogs-vs-Cats model, and the one definition of how an
+image becomes the model's input (training, prediction and serving all import it from here).
 
-The network is whatever `--model-file` the archive holds; this handler only
-decodes, preprocesses (with the project's own `transforms.py`, shipped in the
-archive), runs the batch and answers each request with its top label and
-probability, e.g. `{"dog": 0.8020902276039124}`.
+Everything the handler needs is in the four files the original README's archiver command
+packs: the model file, the state_dict, this file and index_to_name.json. The input size
+comes from the weights themselves (the model's `img_size` buffer); the meta JSON that
+deployment/archive.sh adds is only a fallback for models without that buffer.
 
-Each request in a batch gets its own status: a bad image answers 4xx with a
-JSON error and the other requests in the batch are answered normally.
+The answer is the top label and its probability, e.g. `{"dog": 0.8020902276039124}`. Each
+request in a batch gets its own status: a bad image answers 4xx with a JSON error and the
+other requests of the batch are answered normally.
 
-Runs on the stock TorchServe image too (Python 3.9, torch 2.4, torchvision
-0.19): keep to 3.9 syntax and import nothing from the project except the files
-shipped in the archive.
+TorchServe takes a handler file's only class as the handler and calls its initialize()
+and handle(): this file defines exactly one class, imports nothing from TorchServe, and
+runs on the stock TorchServe image too (Python 3.9, torch 2.4): keep to 3.9 syntax and
+import nothing from the project.
 """
 import base64
 import binascii
 import http
 import importlib
+import inspect
+import io
 import json
 import logging
 import os
@@ -24,19 +29,17 @@ import time
 
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageFile, ImageOps
 from torch import nn
-from ts.torch_handler.image_classifier import ImageClassifier
-from ts.utils.util import PredictionException, list_classes_from_module
-
-try:  # in the repository (unit tests, tools)
-    from models.transforms import ImageDecodeError, eval_transform, open_rgb
-except ImportError:  # inside the .mar: transforms.py sits next to this file
-    from transforms import ImageDecodeError, eval_transform, open_rgb
 
 logger = logging.getLogger(__name__)
 
-# Used only when the archive carries no meta JSON and the model config names no
-# handler.img_size: the ImageNet resolution every model here accepts.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# 40 megapixels is well above any photo a phone takes (~12-50 MP is rare) and far
+# below what a decompression bomb claims; checked from the header, before decoding.
+MAX_IMAGE_PIXELS = 40_000_000
+# Used only when neither the weights, the meta JSON nor the model config give a size.
 FALLBACK_IMG_SIZE = 224
 # Smaller images carry nothing to classify (a 1x1 pixel is a colour, not a pet);
 # override with handler.min_image_side in the model config.
@@ -44,14 +47,86 @@ MIN_IMAGE_SIDE = 16
 JSON = "application/json"
 HOW_TO_SEND = "send the image bytes as the request body (curl -T img.jpg) or as the multipart field 'data'"
 
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated upload is an error, not grey pixels
 
-def request_error(code, error_type, message):
-    """The exception that fails one request with HTTP `code` (TorchServe's own exception type:
-    the handler file must define exactly one class, the handler)."""
-    exc = PredictionException(message, code)
-    exc.error_type = error_type
-    return exc
 
+# ---- decoding and preprocessing --------------------------------------------------------------
+
+def bad_input(message, code=400, error_type="InvalidImage"):
+    """The error for input that cannot be classified: its HTTP status and type travel with it."""
+    return DogsVsCatsHandler.BadInput(message, code, error_type)
+
+
+def open_rgb(source):
+    """Decode a path, bytes or file object into an upright RGB PIL image.
+
+    Handles what cameras and editors produce: EXIF orientation, grayscale,
+    16-bit, palette, CMYK and images with alpha (composited onto white, the
+    colour a transparent background shows in a browser). Raises BadInput.
+    """
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise bad_input("empty input: no image bytes received", 400, "EmptyBody")
+        source = io.BytesIO(source)
+    try:
+        img = Image.open(source)
+        width, height = img.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise bad_input("image too large: %dx%d pixels (limit %d)" % (width, height, MAX_IMAGE_PIXELS),
+                            413, "ImageTooLarge")
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    except DogsVsCatsHandler.BadInput:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise bad_input("image too large: %s" % exc, 413, "ImageTooLarge")
+    except Image.UnidentifiedImageError:
+        raise bad_input("not an image (unrecognized format)")
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise bad_input("cannot decode image: %s" % (str(exc) or type(exc).__name__))
+    return to_rgb(img)
+
+
+def to_rgb(img):
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
+        return background
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        # 16-bit / float grayscale: scale to 8 bits instead of clipping to white
+        img = ImageOps.autocontrast(img.convert("I").point(lambda v: v / 256).convert("L"))
+    return img.convert("RGB")
+
+
+def resize(img, img_size):
+    """Squash to img_size x img_size: the whole animal stays in view (no centre crop)."""
+    return img.resize((img_size, img_size), Image.BILINEAR, reducing_gap=None)
+
+
+def to_uint8_tensor(img):
+    """RGB PIL image -> CHW uint8 tensor (what the training cache stores)."""
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, 3).permute(
+        2, 0, 1).contiguous()
+
+
+def normalize(batch_uint8):
+    """uint8 CHW (or NCHW) -> float, ImageNet-normalized."""
+    x = batch_uint8.float().div_(255)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype).view(-1, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype).view(-1, 1, 1)
+    return (x - mean) / std
+
+
+def eval_transform(img_size):
+    """RGB PIL image -> normalized float tensor, deterministic."""
+    return lambda img: normalize(to_uint8_tensor(resize(img, img_size)))
+
+
+# ---- loading -----------------------------------------------------------------------------------
 
 def _normalized(name):
     return name.replace("_", "").replace("-", "").lower()
@@ -60,12 +135,12 @@ def _normalized(name):
 def pick_model_class(module, hints=()):
     """The one nn.Module class of a model file, or the one named after the file/network.
 
-    TorchServe's own loader insists on exactly one class per file; a model file
-    may define building blocks too (EfficientNet-Lite0's MBConvBlock), so when
-    there are several, take the one whose name matches the file (or conv_net)
+    A model file may define building blocks too (EfficientNet-Lite0's MBConvBlock), so
+    when there are several, take the one whose name matches the file (or conv_net)
     ignoring case and underscores: efficientnet_lite0.py -> EfficientNetLite0.
     """
-    classes = [c for c in list_classes_from_module(module) if issubclass(c, nn.Module)]
+    classes = [c for _, c in inspect.getmembers(module, inspect.isclass)
+               if c.__module__ == module.__name__ and issubclass(c, nn.Module)]
     if len(classes) == 1:
         return classes[0]
     wanted = {_normalized(h) for h in (module.__name__,) + tuple(hints) if h}
@@ -76,9 +151,20 @@ def pick_model_class(module, hints=()):
                      % (module.__name__, sorted(c.__name__ for c in classes)))
 
 
+def _read_json(path, what):
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        logger.warning("cannot read %s %s (%s); ignoring it", what, path, exc)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _set_status(context, idx, code):
-    # TorchServe's Context has per-request status; unit-test mocks may not. The reason
-    # phrase is the standard one: the details go in the JSON body, never in the status line.
+    # The reason phrase is the standard one: the details go in the JSON body, never in the status line.
     if hasattr(context, "set_response_status"):
         context.set_response_status(code, http.HTTPStatus(code).phrase, idx)
 
@@ -87,186 +173,164 @@ def _set_json(context, idx):
     try:
         context.set_response_content_type(idx, JSON)
     except (AttributeError, TypeError, IndexError):
-        pass  # mocks without request processors
+        pass  # contexts without request processors
 
 
-class DogsVsCatsHandler(ImageClassifier):
-    """ImageClassifier with the project's preprocessing, top-1 answers and per-request errors."""
+def _header(context, name):
+    try:
+        return context.get_request_header(0, name)
+    except (AttributeError, TypeError, IndexError, KeyError):
+        return None
 
-    topk = 1
+
+def _error_body(context, idx, code, error_type, message):
+    _set_status(context, idx, code)
+    _set_json(context, idx)
+    return json.dumps({"code": code, "type": error_type, "message": message})
+
+
+def _payload(row):
+    """The image bytes of one request: raw body (curl -T), multipart field `data`, or base64."""
+    if not isinstance(row, dict):
+        raise bad_input("unexpected request format", 400, "InvalidInput")
+    image = row.get("data")
+    if image is None:
+        image = row.get("body")
+    if image is None or (hasattr(image, "__len__") and len(image) == 0):
+        fields = [str(k)[:40] for k in row if k not in ("data", "body")]
+        if fields:  # e.g. curl --data-binary with curl's default form content type
+            raise bad_input("no image in the request (got form fields %s); %s" % (fields[:5], HOW_TO_SEND),
+                            400, "InvalidInput")
+        raise bad_input("empty request: no image bytes received; " + HOW_TO_SEND, 400, "EmptyBody")
+    if isinstance(image, str):  # text/* bodies arrive decoded; accept base64 text
+        try:
+            image = base64.b64decode(image, validate=True)
+        except (binascii.Error, ValueError):
+            raise bad_input("text body is not base64-encoded image bytes")
+    if not isinstance(image, (bytes, bytearray)):
+        raise bad_input("expected image bytes, got %s (JSON bodies are not accepted); %s"
+                        % (type(image).__name__, HOW_TO_SEND), 400, "InvalidInput")
+    return bytes(image)
+
+
+# ---- the handler -------------------------------------------------------------------------------
+
+class DogsVsCatsHandler(object):
+    """TorchServe's handler protocol: initialize(context) once per worker, handle(rows, context) per batch."""
+
+    class BadInput(ValueError):
+        """Input that cannot be classified. Nested because TorchServe refuses a handler file with two classes."""
+
+        def __init__(self, message, code=400, error_type="InvalidImage"):
+            super().__init__(message)
+            self.message, self.code, self.error_type = message, code, error_type
 
     def __init__(self):
-        super().__init__()
-        self.meta = {}
-        self.img_size = FALLBACK_IMG_SIZE
-        self.min_image_side = MIN_IMAGE_SIDE
-        self.transform = None
-        self.labels = {}
-
-    # ---- loading -------------------------------------------------------------------------
+        self.model, self.device, self.meta, self.labels = None, torch.device("cpu"), {}, {}
+        self.img_size, self.min_image_side, self.transform = FALLBACK_IMG_SIZE, MIN_IMAGE_SIDE, None
+        self.initialized = False
 
     def initialize(self, context):
         properties = context.system_properties
         model_dir = properties.get("model_dir") or "."
+        manifest_model = (getattr(context, "manifest", None) or {}).get("model", {})
         handler_config = (getattr(context, "model_yaml_config", None) or {}).get("handler") or {}
 
         threads = int(handler_config.get("torch_threads") or 0)
         if threads > 0:
             torch.set_num_threads(threads)
+        gpu_id = properties.get("gpu_id")
+        if torch.cuda.is_available() and gpu_id is not None:
+            self.device = torch.device("cuda:%s" % gpu_id)
 
-        self.meta = self._read_meta(model_dir, context.manifest)
-        super().initialize(context)  # device, model (via _load_pickled_model), label mapping
-        # channels_last, as in training and predict_main.py: 1.1-2x faster convolutions on CPU.
-        self.model = self.model.to(memory_format=torch.channels_last)
+        serialized = manifest_model.get("serializedFile")
+        stem = os.path.splitext(os.path.basename(serialized or ""))[0]
+        self.meta = _read_json(os.path.join(model_dir, stem + ".json"), "meta JSON") if serialized else {}
+        self.model = self._load_model(model_dir, manifest_model.get("modelFile"), serialized)
+        # channels_last, as in training and prediction: 1.1-2x faster convolutions on CPU.
+        self.model = self.model.to(self.device).to(memory_format=torch.channels_last).eval()
 
-        img_size = self.meta.get("img_size") or handler_config.get("img_size")
-        if not img_size:
-            logger.warning("no img_size in the checkpoint's meta JSON or the model config; using %d",
+        buffer = getattr(self.model, "img_size", None)
+        sizes = [("the model config", handler_config.get("img_size")),
+                 ("the weights", int(buffer) if isinstance(buffer, torch.Tensor) else None),
+                 ("the meta JSON", self.meta.get("img_size")),
+                 ("the fallback", FALLBACK_IMG_SIZE)]
+        source, self.img_size = next((s, int(v)) for s, v in sizes if v)
+        if source == "the fallback":
+            logger.warning("no img_size in the weights, the meta JSON or the model config; using %d",
                            FALLBACK_IMG_SIZE)
-        self.img_size = int(img_size or FALLBACK_IMG_SIZE)
         self.min_image_side = int(handler_config.get("min_image_side") or MIN_IMAGE_SIDE)
         self.transform = eval_transform(self.img_size)
-        self.labels = self._labels()
-        logger.info("%s ready: img_size=%d, labels=%s, torch threads=%d",
-                    self.meta.get("conv_net") or context.manifest.get("model", {}).get("modelName"),
-                    self.img_size, self.labels, torch.get_num_threads())
+        mapping = _read_json(os.path.join(model_dir, "index_to_name.json"), "label mapping")
+        self.labels = ({int(k): v for k, v in mapping.items()} if mapping
+                       else dict(enumerate(self.meta.get("classes") or [])))
+        self.initialized = True
+        logger.info("%s ready: img_size=%d (from %s), labels=%s, torch threads=%d",
+                    self.meta.get("conv_net") or manifest_model.get("modelName"), self.img_size, source,
+                    self.labels, torch.get_num_threads())
 
-    @staticmethod
-    def _read_meta(model_dir, manifest):
-        """The meta JSON named after the serialized file (model_x.pth -> model_x.json), or {}."""
-        serialized = (manifest or {}).get("model", {}).get("serializedFile")
-        if not serialized:
-            return {}
-        path = os.path.join(model_dir, os.path.splitext(os.path.basename(serialized))[0] + ".json")
-        if not os.path.isfile(path):
-            logger.warning("no meta JSON %s in the archive", os.path.basename(path))
-            return {}
-        try:
-            with open(path) as f:
-                meta = json.load(f)
-        except (OSError, ValueError) as exc:
-            logger.warning("cannot read %s (%s); ignoring it", path, exc)
-            return {}
-        return meta if isinstance(meta, dict) else {}
-
-    def _load_pickled_model(self, model_dir, model_file, model_pt_path):
+    def _load_model(self, model_dir, model_file, serialized):
         """Build the model file's network and load a plain state_dict (tensors only, no pickled code)."""
-        if not os.path.isfile(os.path.join(model_dir, model_file)):
+        if not model_file or not os.path.isfile(os.path.join(model_dir, model_file)):
             raise RuntimeError("model file %s is missing from the archive" % model_file)
-        module_name = os.path.splitext(os.path.basename(model_file))[0]
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(os.path.splitext(os.path.basename(model_file))[0])
         model = pick_model_class(module, hints=(self.meta.get("conv_net"),))()
-        if model_pt_path:
-            state_dict = torch.load(model_pt_path, map_location="cpu", weights_only=True)
+        if serialized:
+            state_dict = torch.load(os.path.join(model_dir, serialized), map_location="cpu", weights_only=True)
             model.load_state_dict(state_dict)
         return model
 
-    def _labels(self):
-        if self.mapping:
-            return {int(k): v for k, v in self.mapping.items()}
-        classes = self.meta.get("classes")
-        if classes:
-            return dict(enumerate(classes))
-        return {}
-
-    # ---- one request -----------------------------------------------------------------------
-
-    @staticmethod
-    def _payload(row):
-        """The image bytes of one request: raw body (curl -T), multipart field `data`, or base64."""
-        if not isinstance(row, dict):
-            raise request_error(400, "InvalidInput", "unexpected request format")
-        image = row.get("data")
-        if image is None:
-            image = row.get("body")
-        if image is None or (hasattr(image, "__len__") and len(image) == 0):
-            fields = [str(k)[:40] for k in row if k not in ("data", "body")]
-            if fields:  # e.g. curl --data-binary with curl's default form content type
-                raise request_error(400, "InvalidInput", "no image in the request (got form fields %s); %s"
-                                    % (fields[:5], HOW_TO_SEND))
-            raise request_error(400, "EmptyBody", "empty request: no image bytes received; " + HOW_TO_SEND)
-        if isinstance(image, str):  # text/* bodies arrive decoded; accept base64 text
-            try:
-                image = base64.b64decode(image, validate=True)
-            except (binascii.Error, ValueError):
-                raise request_error(400, "InvalidImage", "text body is not base64-encoded image bytes")
-        if not isinstance(image, (bytes, bytearray)):
-            raise request_error(400, "InvalidInput", "expected image bytes, got %s (JSON bodies are not "
-                                "accepted); %s" % (type(image).__name__, HOW_TO_SEND))
-        return bytes(image)
-
     def preprocess_one(self, row):
-        """One request -> normalized CHW tensor; a bad one raises request_error(...) saying why."""
+        """One request -> normalized CHW tensor; a bad one raises BadInput saying why."""
         try:
-            img = open_rgb(self._payload(row))
-        except ImageDecodeError as exc:
-            message = re.sub(r"\s*<[^<>]*>", "", str(exc))  # no object reprs in answers
-            if message.startswith("image too large"):
-                raise request_error(413, "ImageTooLarge", message)
-            raise request_error(400, "InvalidImage", message)
+            img = open_rgb(_payload(row))
+        except DogsVsCatsHandler.BadInput as exc:
+            exc.message = re.sub(r"\s*<[^<>]*>", "", exc.message)  # no object reprs in answers
+            raise
         width, height = img.size
         if min(width, height) < self.min_image_side:
-            raise request_error(400, "ImageTooSmall", "image too small: %dx%d pixels (each side must be at "
-                                                     "least %d)" % (width, height, self.min_image_side))
+            raise bad_input("image too small: %dx%d pixels (each side must be at least %d)"
+                            % (width, height, self.min_image_side), 400, "ImageTooSmall")
         return self.transform(img)
 
-    # ---- the stock hooks, batch-wide ---------------------------------------------------------
+    @torch.inference_mode()
+    def inference(self, batch):
+        batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
+        return self.model(batch)
 
-    def preprocess(self, data):
-        """Stock signature: every row must be good (handle() is the per-request path)."""
-        return self._batch([self.preprocess_one(row) for row in data])
-
-    def _batch(self, tensors):
-        return torch.stack(tensors).to(self.device).contiguous(memory_format=torch.channels_last)
-
-    def postprocess(self, data):
+    def postprocess(self, logits):
         """Logits -> one JSON answer per row: {"label": probability of the top class}."""
-        probs = F.softmax(data.float(), dim=1)
-        top_prob, top_idx = probs.max(dim=1)
-        return [json.dumps({self.labels.get(i, str(i)): p})
-                for i, p in zip(top_idx.tolist(), top_prob.tolist())]
+        top_prob, top_idx = F.softmax(logits.float(), dim=1).max(dim=1)
+        return [json.dumps({self.labels.get(i, str(i)): p}) for i, p in zip(top_idx.tolist(), top_prob.tolist())]
 
-    def describe_handle(self):
+    def describe(self):
         return json.dumps({"conv_net": self.meta.get("conv_net"), "img_size": self.img_size,
                            "classes": [self.labels[i] for i in sorted(self.labels)],
                            "min_image_side": self.min_image_side})
 
-    # ---- entry point ---------------------------------------------------------------------------
-
-    def _header(self, context, name):
-        try:
-            return context.get_request_header(0, name)
-        except (AttributeError, TypeError, IndexError, KeyError):
-            return None
-
     def handle(self, data, context):
         """One answer per request, in order; a bad request fails alone with its own 4xx."""
         start = time.time()
-        self.context = context
-        responses = [None] * len(data)
+        if _header(context, "describe") == "True":
+            return [self.describe() for _ in data]
+        explain = _header(context, "explain") == "True"
 
-        if self._header(context, "describe") == "True":
-            return [self.describe_handle() for _ in data]
-        explain = self._header(context, "explain") == "True"
-
-        tensors, positions = [], []
+        responses, tensors, positions = [None] * len(data), [], []
         for idx, row in enumerate(data):
             try:
                 if explain:
-                    raise request_error(501, "NotImplemented", "explanations are not served by this model")
+                    raise bad_input("explanations are not served by this model", 501, "NotImplemented")
                 tensors.append(self.preprocess_one(row))
                 positions.append(idx)
-            except PredictionException as exc:
-                responses[idx] = self._error(context, idx, exc.error_code,
-                                             getattr(exc, "error_type", "InvalidInput"), exc.message)
+            except DogsVsCatsHandler.BadInput as exc:
+                responses[idx] = _error_body(context, idx, exc.code, exc.error_type, exc.message)
             except Exception:  # a decoder bug must not take the rest of the batch down
                 logger.exception("request %d of the batch failed in preprocessing", idx)
-                responses[idx] = self._error(context, idx, 500, "InternalServerError",
+                responses[idx] = _error_body(context, idx, 500, "InternalServerError",
                                              "the image could not be processed")
 
         if tensors:
-            logits = self.inference(self._batch(tensors))
-            for idx, answer in zip(positions, self.postprocess(logits)):
+            for idx, answer in zip(positions, self.postprocess(self.inference(torch.stack(tensors)))):
                 responses[idx] = answer
                 _set_status(context, idx, 200)
                 _set_json(context, idx)
@@ -275,9 +339,3 @@ class DogsVsCatsHandler(ImageClassifier):
         if metrics is not None:
             metrics.add_time("HandlerTime", round((time.time() - start) * 1000, 2), None, "ms")
         return responses
-
-    @staticmethod
-    def _error(context, idx, code, error_type, message):
-        _set_status(context, idx, code)
-        _set_json(context, idx)
-        return json.dumps({"code": code, "type": error_type, "message": message})

@@ -41,11 +41,12 @@ def free_port():
 def make_checkpoint(directory, conv_net, img_size, seed=0):
     """A randomly initialised `conv_net` saved like training saves it (state_dict + meta JSON)."""
     import torch
-    from models import CLASSES, MODELS, build_model
+    from models import CLASSES, MODELS, build_model, set_serving_size
     from models.checkpoint import save_model
 
     torch.manual_seed(seed)
     model = build_model(conv_net)
+    set_serving_size(model, img_size)
     path = os.path.join(directory, "model_%s.pth" % conv_net)
     save_model(model, {"conv_net": conv_net, "img_size": img_size, "classes": list(CLASSES),
                        "dropout": MODELS[conv_net].dropout}, path)
@@ -132,14 +133,15 @@ class TorchServeError(RuntimeError):
 class TorchServe(object):
     """One TorchServe on free loopback ports, in its own directory.
 
-    models: {name: archive file name in model_store}; start() returns once every model has
-    its minWorkers READY. overrides: config.properties keys to set for this server.
+    models: {name: archive file name in model_store}; start() returns once every model (or
+    those in wait_for) has its minWorkers READY. overrides: config.properties keys to set.
     """
 
-    def __init__(self, workdir, model_store, models, overrides=None, start_timeout=600):
+    def __init__(self, workdir, model_store, models, overrides=None, start_timeout=600, wait_for=None):
         self.workdir = workdir
         self.model_store = model_store
         self.models = dict(models)
+        self.wait_for = list(self.models if wait_for is None else wait_for)
         self.overrides = dict(overrides or {})
         self.start_timeout = start_timeout
         self.process = None
@@ -201,7 +203,7 @@ class TorchServe(object):
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + self.start_timeout
-            for name in self.models:
+            for name in self.wait_for:
                 self.wait_ready(name, deadline=deadline)
         except BaseException:
             self.stop()

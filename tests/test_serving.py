@@ -131,7 +131,7 @@ def test_archive_contents(store):
         manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]
         config = yaml.safe_load(mar.read("model-config.yaml"))
         meta = json.loads(mar.read("model_base_cnn.json"))
-    assert {"handler.py", "base_cnn.py", "transforms.py", "index_to_name.json", "model_base_cnn.pth",
+    assert {"handler.py", "base_cnn.py", "index_to_name.json", "model_base_cnn.pth",
             "model_base_cnn.json", "model-config.yaml"} <= names
     assert manifest["handler"] == "handler.py" and manifest["modelFile"] == "base_cnn.py"
     assert manifest["serializedFile"] == "model_base_cnn.pth" and manifest["configFile"] == "model-config.yaml"

@@ -1,8 +1,11 @@
 """torchvision's VGG19 with batch norm, its classifier adapted to 2 classes.
 
 The TorchServe `--model-file`: one nn.Module, built with no arguments, using only
-APIs present in torchvision 0.19 (the stock TorchServe image).
+APIs present in torchvision 0.19 (the stock TorchServe image). The `img_size` buffer
+travels in the state_dict: the resolution the weights are meant to be fed at, so the
+original README's archiver command (no meta JSON in the archive) preprocesses correctly.
 """
+import torch
 from torch import nn
 from torchvision.models import vgg19_bn
 
@@ -17,6 +20,7 @@ class VGG(nn.Module):
         self.classifier[2].p = dropout
         self.classifier[5].p = dropout
         self.classifier[6] = nn.Linear(4096, num_classes)
+        self.register_buffer("img_size", torch.tensor(224))
 
     def forward(self, x):
         x = self.avgpool(self.features(x))
