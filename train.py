@@ -3,6 +3,8 @@
 The best model (lowest validation loss; with no validation split, lowest training
 loss) is written at --model_path as a plain state_dict, atomically. A full
 checkpoint for --resume is rewritten at the end of every epoch.
+Under torchrun (distributed.py) every process trains on its share of each epoch and
+only rank 0 writes these files.
 """
 import json
 import math
@@ -17,7 +19,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models.checkpoint import atomic_torch_save, atomic_write_text, save_model, sidecar_path
+from models.checkpoint import (CheckpointError, atomic_torch_save, atomic_write_text, keep_previous, load_checkpoint,
+                               one_line, save_model, sidecar_path)
+from distributed import Cluster
 from models.transforms import normalize
 
 
@@ -44,6 +48,31 @@ class TrainConfig:
     random_init: bool = False
     resume: bool = False
     dry_run: bool = False
+
+
+# What a --resume checkpoint holds (Trainer._save_resume_state writes these and "args").
+RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_loss", "history")
+RESUME_FIX = "run without --resume to start over (the new run replaces it)"
+
+
+def resume_path(model_path):
+    return sidecar_path(model_path, ".resume.pt")
+
+
+def read_resume_state(path):
+    """The training state --resume continues from.
+
+    A missing, unreadable, empty, truncated or foreign file (the model's .pth, say) is a
+    CheckpointError naming it and what to do: one line for the user, never a traceback.
+    """
+    if not os.path.exists(path):
+        raise CheckpointError("--resume: no checkpoint at %s" % path)
+    state = load_checkpoint(path, RESUME_FIX)
+    missing = [key for key in RESUME_KEYS if key not in state] if isinstance(state, dict) else list(RESUME_KEYS)
+    if missing:
+        raise CheckpointError("%s is not a --resume checkpoint (it has no %s); %s"
+                              % (path, ", ".join(missing), RESUME_FIX))
+    return state
 
 
 def is_improvement(best_loss, loss):
@@ -110,9 +139,15 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, precision, desc
     return total_loss / max(seen, 1), correct / max(seen, 1)
 
 
-@torch.no_grad()
 def evaluate(model, loader, device, precision, max_steps=None):
     """Mean cross-entropy and accuracy of `model` over `loader`."""
+    total_loss, correct, seen = evaluate_sums(model, loader, device, precision, max_steps)
+    return total_loss / max(seen, 1), correct / max(seen, 1)
+
+
+@torch.no_grad()
+def evaluate_sums(model, loader, device, precision, max_steps=None):
+    """(summed cross-entropy, correct, images) of `model` over `loader`: sums add up across ranks."""
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
     for step, (images, labels) in enumerate(loader):
@@ -124,7 +159,7 @@ def evaluate(model, loader, device, precision, max_steps=None):
         total_loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
-    return total_loss / max(seen, 1), correct / max(seen, 1)
+    return total_loss, correct, seen
 
 
 def plot_learning_curves(history, path):
@@ -154,15 +189,19 @@ def plot_learning_curves(history, path):
 class Trainer:
     """Owns the loop state (epoch, best loss, history) and every file written beside the model."""
 
-    def __init__(self, model, optimizer, scheduler, train_set, val_set, config, meta, device, precision):
+    def __init__(self, model, optimizer, scheduler, train_set, val_set, config, meta, device, precision,
+                 cluster=None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        # torchrun: `val_set` is this rank's share of the validation images, `train_set` all training images
+        self.cluster = cluster or Cluster(device)
+        self.train_model = self.cluster.wrap(model)  # DDP, or the model itself
         self.train_set, self.val_set = train_set, val_set
         self.config, self.meta = config, meta
         self.device, self.precision = device, precision
         self.start_epoch, self.best_loss, self.history = 1, None, []
         self.paths = {
             "model": config.model_path,
-            "resume": sidecar_path(config.model_path, ".resume.pt"),
+            "resume": resume_path(config.model_path),
             "metrics": sidecar_path(config.model_path, ".metrics.jsonl"),
             "curve": sidecar_path(config.model_path, ".curve.png"),
         }
@@ -170,16 +209,23 @@ class Trainer:
     def _loader(self, dataset, shuffle, epoch):
         # Shuffling (and any worker's augmentation) depends only on (seed, epoch),
         # so a resumed run sees exactly the batches an uninterrupted run would.
-        generator = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
+        generator = torch.Generator().manual_seed(self.cluster.seed(self.config.seed * 1000 + epoch))
         workers = self.config.num_workers if shuffle else 0
-        return DataLoader(dataset, batch_size=self.config.batch_size, shuffle=shuffle, generator=generator,
-                          num_workers=workers, persistent_workers=False, drop_last=False)
+        sampler = self.cluster.sampler(dataset, self.config.seed, epoch) if shuffle else None
+        return DataLoader(dataset, batch_size=self.config.batch_size, shuffle=shuffle and sampler is None,
+                          sampler=sampler, generator=generator, num_workers=workers, persistent_workers=False,
+                          drop_last=False)
 
-    def resume(self):
-        state = torch.load(self.paths["resume"], map_location="cpu", weights_only=True)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+    def resume(self, state=None):
+        """Continue from the --resume checkpoint (`state`: read_resume_state's, when already read)."""
+        state = read_resume_state(self.paths["resume"]) if state is None else state
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # another network's or optimizer's state
+            raise CheckpointError("%s does not fit this run (%s); resume with the --conv_net and --optimizer it was "
+                                  "trained with, or %s" % (self.paths["resume"], one_line(exc), RESUME_FIX))
         self.start_epoch, self.best_loss, self.history = state["epoch"] + 1, state["best_loss"], state["history"]
         print("resumed from %s at epoch %d (best loss %.4f)" % (self.paths["resume"], state["epoch"], self.best_loss),
               file=sys.stderr)
@@ -198,15 +244,23 @@ class Trainer:
 
     def run_epoch(self, epoch):
         cfg, max_steps = self.config, (2 if self.config.dry_run else None)
-        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout and augmentation, per epoch
+        torch.manual_seed(self.cluster.seed(cfg.seed * 1000 + epoch))  # dropout and augmentation, per epoch
         started = time.time()
         desc = "epoch %d/%d" % (epoch, cfg.epochs)
-        train_loss, train_acc = train_one_epoch(self.model, self._loader(self.train_set, True, epoch), self.optimizer,
-                                                self.scheduler, self.device, self.precision, desc, max_steps)
+        train_loss, train_acc = train_one_epoch(self.train_model, self._loader(self.train_set, True, epoch),
+                                                self.optimizer, self.scheduler, self.device, self.precision, desc,
+                                                max_steps)
+        # Every rank trained on as many images (DistributedSampler pads the shares to equal
+        # length), so the mean of the ranks' means is the mean over all of them.
+        train_loss, train_acc = self.cluster.mean(train_loss, train_acc)
+        self.cluster.sync_buffers(self.model)
         val_loss = val_acc = None
         if self.val_set is not None:
-            val_loss, val_acc = evaluate(self.model, self._loader(self.val_set, False, epoch), self.device,
-                                         self.precision, max_steps)
+            # Each rank scores its own share of the validation images (no padding, no
+            # duplicates): the summed figures are those of one process scoring them all.
+            total_loss, correct, seen = self.cluster.sum(*evaluate_sums(
+                self.model, self._loader(self.val_set, False, epoch), self.device, self.precision, max_steps))
+            val_loss, val_acc = total_loss / max(seen, 1), correct / max(seen, 1)
         return dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
                     lr=self.optimizer.param_groups[0]["lr"], seconds=round(time.time() - started, 1))
 
@@ -217,12 +271,18 @@ class Trainer:
             row["saved"] = is_improvement(self.best_loss, score)
             if row["saved"]:
                 self.best_loss = score
+            if row["saved"] and self.cluster.is_main:  # every rank holds the same weights: rank 0 writes
+                if epoch == 1:  # a fresh run (a resumed one starts later): keep whatever was there
+                    kept = keep_previous(self.paths["model"])
+                    if kept:
+                        print("kept the model that was at %s as %s" % (self.paths["model"], kept), file=sys.stderr)
                 save_model(self.model, dict(self.meta, epoch=epoch, train_loss=row["train_loss"],
                                             val_loss=row["val_loss"], val_acc=row["val_acc"]), self.paths["model"])
             self.history.append(row)
-            self._save_resume_state(epoch)  # before the reports: a metrics line implies a resumable epoch
-            self._write_reports()
-            print(format_epoch(row), flush=True)
+            if self.cluster.is_main:
+                self._save_resume_state(epoch)  # before the reports: a metrics line implies a resumable epoch
+                self._write_reports()
+                print(format_epoch(row), flush=True)
         return self.history
 
 

@@ -1,16 +1,22 @@
-"""Train a Dogs-vs-Cats classifier: `python train_main.py --conv_net efficientnet_lite0`."""
+"""Train a Dogs-vs-Cats classifier: `python train_main.py --conv_net efficientnet_lite0`.
+
+On several processes: `torchrun --nproc_per_node 2 train_main.py ...` (docs/scaling.md).
+"""
 import os
 import sys
 from dataclasses import asdict
 
 import torch
 
-from dataset import DataError, DecodedImages, decode_images, find_labeled_images, stratified_split
+from dataset import (DataError, DecodedImages, decode_images, dry_run_subset, find_labeled_images,
+                     stratified_split)
+from distributed import Cluster, setup
 from models import CLASSES, MODELS, PretrainedWeightsError, build_model, set_serving_size, smallest_img_size
+from models.checkpoint import CheckpointError, check_writable
 from models.transforms import train_augment
 from parsers import fail, pick_device
 from parsers.train_parser import build_parser
-from train import TrainConfig, Trainer, make_optimizer, warmup_cosine
+from train import TrainConfig, Trainer, make_optimizer, read_resume_state, resume_path, warmup_cosine
 
 
 # Flags whose default is the model's own (models.MODELS), used wherever the flag was not given.
@@ -19,7 +25,7 @@ PER_MODEL_DEFAULTS = ("epochs", "lr", "optimizer", "weight_decay", "batch_size",
 
 def resolve_defaults(config):
     spec = MODELS[config.conv_net]
-    config.model_path = config.model_path or spec.default_model_path
+    config.model_path = config.model_path or spec.run_model_path
     for name in PER_MODEL_DEFAULTS:
         if getattr(config, name) is None:
             setattr(config, name, getattr(spec, name))
@@ -44,22 +50,39 @@ def pick_precision(name, device):
     return "bf16" if cpu_has_amx() else "fp32"  # measured: bf16 is ~6x slower than fp32 on AVX2-only CPUs
 
 
-def load_data(config):
+def load_data(config, cluster):
     """Find, split and decode the images; every data problem surfaces here, before training."""
     samples = find_labeled_images(config.data_dir)
     train, val = stratified_split(samples, config.validation_split, config.seed)
     if config.dry_run:
-        train, val = train[:4 * config.batch_size], val[:config.batch_size]
+        train, val = dry_run_subset(train, val, config.batch_size)
     print("%s: %d training images at %d px, %d validation images at %d px" % (
         config.data_dir, len(train), config.img_size, len(val), config.eval_img_size), file=sys.stderr)
     workers = config.num_workers
-    train_x, train_y, _ = decode_images(train, config.img_size, workers, "decoding training images")
-    train_set = DecodedImages(train_x, train_y, train_augment(config.img_size))
+    # Under torchrun every rank needs every training image: DistributedSampler deals a new
+    # permutation of all of them out to the ranks each epoch. So each rank decodes only its
+    # 1/N share and the ranks exchange the decoded shares (gather_rows): N ranks on a host
+    # decode each image once, not N times, and every rank ends with the uint8 cache one
+    # process would have (in rank order, which the sampler's shuffling makes irrelevant).
+    # Fixed per-rank shards would also divide the cache's memory by N, but tie each image
+    # to one rank for the whole run. Validation needs no exchange: each rank scores, and
+    # so decodes, only its own share. In a single process the share is everything.
+    train_x, train_y, _ = decode_images(cluster.shard(train), config.img_size, workers, "decoding training images")
+    train_set = DecodedImages(cluster.gather_rows(train_x), cluster.gather_rows(train_y),
+                              train_augment(config.img_size))
     val_set = None
     if val:
-        val_x, val_y, _ = decode_images(val, config.eval_img_size, workers, "decoding validation images")
-        val_set = DecodedImages(val_x, val_y)
+        val_set = decode_share(cluster.shard(val), config.eval_img_size, workers, "decoding validation images")
     return train_set, val_set
+
+
+def decode_share(samples, img_size, workers, desc):
+    """The decoded images of a rank's share; with fewer images than ranks a share can be empty."""
+    if not samples:
+        return DecodedImages(torch.zeros((0, 3, img_size, img_size), dtype=torch.uint8),
+                             torch.zeros(0, dtype=torch.long))
+    images, labels, _ = decode_images(samples, img_size, workers, desc)
+    return DecodedImages(images, labels)
 
 
 def check_img_sizes(config):
@@ -70,40 +93,69 @@ def check_img_sizes(config):
             fail("%s %d is too small for %s: it needs at least %d px" % (flag, size, config.conv_net, minimum))
 
 
-def build_trainer(config):
-    device = pick_device(config.device)
+def check_files(config):
+    """Read the --resume checkpoint and check that --model_path can be written, before minutes of decoding.
+
+    Returns the state to resume from (None without --resume); raises CheckpointError.
+    """
+    state = read_resume_state(resume_path(config.model_path)) if config.resume else None
+    check_writable(config.model_path, "choose another --model_path")
+    return state
+
+
+def restart_state(config, cluster):
+    """After torchrun restarted the group (--max-restarts): the checkpoint this same command wrote, if
+    there is one, so the new processes go on from its last finished epoch instead of starting over.
+
+    Decided together: torchrun counts restarts per host (a host whose processes did not fail
+    says 0), and all ranks must start from the same epoch, or none resumes."""
+    path = resume_path(config.model_path)
+    state = None
+    if cluster.somewhere(cluster.restarts > 0) and os.path.exists(path):
+        state = read_resume_state(path)
+        state = state if state.get("args") == asdict(config) else None
+    return state if cluster.everywhere(state is not None) else None
+
+
+def build_trainer(config, cluster=None):
+    cluster = cluster or Cluster(pick_device(config.device))
+    device = cluster.device
     precision = pick_precision(config.precision, device)
     check_img_sizes(config)
     torch.manual_seed(config.seed)
-    train_set, val_set = load_data(config)
+    # The model first: pretrained weights that cannot be had (VGG offline) stop the run before any decoding.
     model = build_model(config.conv_net, config.dropout, pretrained=not config.random_init,
                         pretrained_weights=config.pretrained_weights)
+    train_set, val_set = load_data(config, cluster)
     set_serving_size(model, config.eval_img_size)
     model = model.to(device).to(memory_format=torch.channels_last)  # NHWC: ~2x faster convolutions on CPU
+    model = cluster.sync_batchnorm(model)  # CUDA under torchrun only
     optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay, config.betas)
-    steps_per_epoch = -(-len(train_set) // config.batch_size)
+    steps_per_epoch = -(-cluster.samples_per_rank(len(train_set)) // config.batch_size)
     total = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, min(total // 10, steps_per_epoch)))
     # img_size is what prediction and serving feed the model; train_img_size what it trained on.
     meta = dict(conv_net=config.conv_net, img_size=config.eval_img_size, train_img_size=config.img_size,
                 classes=list(CLASSES),
-                dropout=config.dropout, precision=precision, args=asdict(config))
-    print("training %s on %s (%s) for %d epochs" % (config.conv_net, device, precision, config.epochs),
-          file=sys.stderr)
-    return Trainer(model, optimizer, scheduler, train_set, val_set, config, meta, device, precision)
+                dropout=config.dropout, precision=precision, args=asdict(config), world_size=cluster.world_size)
+    print("training %s on %s (%s) for %d epochs%s" % (
+        config.conv_net, device, precision, config.epochs, ", %d processes x batch %d" % (
+            cluster.world_size, config.batch_size) if cluster.distributed else ""), file=sys.stderr)
+    return Trainer(model, optimizer, scheduler, train_set, val_set, config, meta, device, precision, cluster)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     config = resolve_defaults(TrainConfig(**vars(args)))
+    cluster = setup(config.device)  # torchrun's process group; a single process otherwise
     try:
-        trainer = build_trainer(config)
-        if config.resume:
-            if not os.path.exists(trainer.paths["resume"]):
-                fail("--resume: no checkpoint at %s" % trainer.paths["resume"])
-            trainer.resume()
+        resume_state = check_files(config) or restart_state(config, cluster)
+        trainer = build_trainer(config, cluster)
+        if resume_state is not None:
+            trainer.resume(resume_state)
         trainer.fit()
-    except (DataError, PretrainedWeightsError) as exc:
+        cluster.close()
+    except (DataError, PretrainedWeightsError, CheckpointError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         print("interrupted; the best model so far is at %s (continue with --resume)" % config.model_path,

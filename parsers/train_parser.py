@@ -7,18 +7,21 @@ from parsers import DefaultsHelpFormatter, OneLineErrorParser, positive_int
 def build_parser():
     p = OneLineErrorParser(
         description="Train a Dogs-vs-Cats classifier. The best weights (by validation loss) are saved "
-                    "at --model_path; metrics, learning curves and a resume checkpoint go beside them.",
+                    "at --model_path; metrics, learning curves and a resume checkpoint go beside them. "
+                    "Several processes or GPUs: run it with torchrun (docs/scaling.md).",
         formatter_class=DefaultsHelpFormatter)
     defaults = ", ".join("%s: %s" % (n, s.img_size) for n, s in MODELS.items())
     p.add_argument("--conv_net", choices=sorted(MODELS), default="base_cnn", help="model to train")
     p.add_argument("--data_dir", default="data/train",
                    help="labeled images: flat Kaggle layout (cat.N.jpg, dog.N.jpg) or cat/ and dog/ sub-folders")
-    p.add_argument("--model_path", default=None, help="where the best state_dict goes "
-                   "(default: models/<conv_net>/model_<conv_net>.pth)")
+    p.add_argument("--model_path", default=None, help="where the best state_dict goes (default: "
+                   "runs/<conv_net>/model_<conv_net>.pth, not the shipped models/...); a model already there "
+                   "is kept as <name>.previous-<its time>.pth")
     p.add_argument("--epochs", type=positive_int, default=None, help="epochs (default per model: %s)"
                    % ", ".join("%s: %d" % (n, s.epochs) for n, s in MODELS.items()))
-    p.add_argument("--batch_size", type=positive_int, default=None, help="images per step (default per model: %s)"
-                   % ", ".join("%s: %d" % (n, s.batch_size) for n, s in MODELS.items()))
+    p.add_argument("--batch_size", type=positive_int, default=None, help="images per step and per process: under "
+                   "torchrun each of N processes takes this many, so a step sees N x this many (default per "
+                   "model: %s)" % ", ".join("%s: %d" % (n, s.batch_size) for n, s in MODELS.items()))
     p.add_argument("--lr", type=float, default=None, help="peak learning rate of the warm-up + cosine schedule "
                    "(default per model: %s)" % ", ".join("%s: %g" % (n, s.lr) for n, s in MODELS.items()))
     p.add_argument("--weight_decay", type=float, default=None, help="weight decay (default per model: %s)"

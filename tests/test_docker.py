@@ -16,7 +16,9 @@ What it does, in order:
   4. classifies sample images with curl against a local TorchServe (this virtualenv)
      serving the same archives;
   5. `docker build` deployment/Dockerfile on the base image, `docker run` it, waits
-     for its HEALTHCHECK to say healthy, classifies the same images with curl;
+     for its HEALTHCHECK to say healthy, classifies the same images with curl; runs it
+     again with the environment and user of deployment/kubernetes/deployment.yaml and
+     runs that Deployment's probes exactly as written (readiness command, /ping, metrics);
   6. runs the original README command on the base image (the stock entrypoint runs
      `torchserve --model-store ... --models ...`, plus --disable-token-auth) and does
      the same;
@@ -43,6 +45,7 @@ import sys
 import time
 
 import pytest
+import requests
 import yaml
 
 from tests.serving_utils import REPO_ROOT, TEST1_DIR, TRAIN_DIR, TorchServe, dog_probability, free_port, \
@@ -400,6 +403,51 @@ def test_project_image_answers_like_local_torchserve(project_image, network, mod
         for (model, image), answer in sorted(answers.items()):
             say("docker %-20s %-12s %s" % (model, image, json.dumps(answer)))
         compare(local_answers, answers, "project image (%s)" % network)
+    finally:
+        remove_container(name)
+
+
+def test_kubernetes_probes_answer_in_the_container(project_image, network, model_store):
+    """deployment/kubernetes/deployment.yaml's probes, exactly as written, against the image run with the
+    Deployment's environment and user: the readiness command inside the container (where the kubelet
+    runs exec probes), GET /ping on the inference port, Prometheus text on the annotated metrics port."""
+    with open(os.path.join(DEPLOYMENT, "kubernetes", "deployment.yaml")) as f:
+        pod = yaml.safe_load(f)["spec"]["template"]
+    (spec,) = pod["spec"]["containers"]
+    user = pod["spec"]["securityContext"]["runAsUser"]
+    image_uid = docker("run", "--rm", "--entrypoint", "id", project_image, "-u", quiet=True).stdout.strip()
+    assert image_uid == str(user), "the image's user is uid %s, the Deployment runs uid %s" % (image_uid, user)
+    env = {var["name"]: var["value"] for var in spec.get("env", [])}
+    ports, name = Ports(), PREFIX + "-k8s"
+    if network == "publish":
+        net_args = ports.publish_args()
+    else:  # the host's network: free loopback ports, the management API on loopback as in the pod
+        env.update(ports.env())
+        net_args = ["--network", "host"]
+    env_args = [a for k, v in sorted(env.items()) for a in ("-e", "%s=%s" % (k, v))]
+    _, models, _ = model_store
+    readiness = spec["readinessProbe"]["exec"]["command"]
+    assert sorted(readiness[3:]) == sorted(models)
+    try:
+        with timed("kubernetes probes: start until healthy"):
+            docker("run", "-d", "--init", "--name", name, "--user", str(user), *net_args, *env_args, project_image,
+                   quiet=True)
+            wait_healthy(name)
+        result = docker("exec", name, *readiness, check=False, quiet=True)
+        assert result.returncode == 0, result.stdout
+        for probe in ("startupProbe", "livenessProbe"):
+            get = spec[probe]["httpGet"]
+            assert get["port"] == "inference"
+            assert requests.get(ports.base_url + get["path"], timeout=10).status_code == 200
+        classify_all(ports.base_url, models, images=IMAGES[:1])  # so that there are inference metrics too
+        annotations = pod["metadata"]["annotations"]
+        assert int(annotations["prometheus.io/port"]) == 8082
+        metrics = requests.get("http://127.0.0.1:%d%s" % (ports.metrics, annotations["prometheus.io/path"]),
+                               timeout=10)
+        assert metrics.status_code == 200 and re.search(r"(?m)^# TYPE \w+ (counter|gauge|histogram)$", metrics.text)
+        if network == "publish":  # the management API listens on the container's loopback only
+            with pytest.raises(requests.ConnectionError):
+                requests.get(ports.management_url + "/models", timeout=10)
     finally:
         remove_container(name)
 

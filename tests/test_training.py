@@ -13,7 +13,8 @@ from dataset import DecodedImages, decode_images, find_labeled_images
 from models import MODELS, build_model, efficientnet_lite0_imagenet_state_dict, smallest_img_size
 from models.efficientnet_lite0.efficientnet_lite0 import EfficientNetLite0
 from models.transforms import eval_transform, open_rgb
-from train import TrainConfig, Trainer, evaluate, is_improvement, make_optimizer, train_one_epoch
+from models.checkpoint import CheckpointError
+from train import RESUME_KEYS, TrainConfig, Trainer, evaluate, is_improvement, make_optimizer, train_one_epoch
 
 
 @pytest.mark.parametrize("conv_net, extra", [
@@ -128,6 +129,53 @@ def test_resume_without_checkpoint_exits_2(tmp_path):
     assert result.returncode == 2 and "no checkpoint" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_unwritable_model_path_exits_2_before_decoding():
+    """Issue 17: a NotADirectoryError traceback after 5 s of decoding."""
+    result = run_cli("train_main.py", "--data_dir", TRAIN_IMAGES, "--model_path", "/dev/null/x/m.pth",
+                     "--img_size", 32, "--dry-run", "--num_workers", 0)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    # One line and nothing else: not even "N training images", printed before decoding starts.
+    line, = result.stderr.strip().splitlines()
+    assert line.startswith("error: cannot write /dev/null/x/m.pth: Not a directory (/dev/null/x)")
+    assert line.endswith("choose another --model_path")
+
+
+def _torch_bytes(obj):
+    import io
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda state: b"", "the file is empty (0 bytes)"),
+    (lambda state: _torch_bytes(state)[:1000], "truncated, corrupt or not a PyTorch checkpoint (RuntimeError: "
+                                               "PytorchStreamReader"),
+    (lambda state: _torch_bytes(state["model"]), "not a --resume checkpoint (it has no %s)" % ", ".join(RESUME_KEYS)),
+])
+def test_unusable_resume_checkpoint_exits_2_with_one_line_before_decoding(tmp_path, make, message):
+    """Issue 17: a truncated .resume.pt was a PytorchStreamReader traceback. Empty, truncated and
+    foreign files (the model's own weights) are one line naming the file and what to do."""
+    model = build_model("base_cnn")
+    state = dict(model=model.state_dict(), optimizer={}, scheduler={}, epoch=1, best_loss=1.0, history=[])
+    resume = tmp_path / "m.resume.pt"
+    resume.write_bytes(make(state))
+    result = run_cli("train_main.py", "--data_dir", TRAIN_IMAGES, "--model_path", tmp_path / "m.pth", "--resume",
+                     "--img_size", 32, "--dry-run", "--num_workers", 0)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line, = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and str(resume) in line and message in line
+    assert line.endswith("run without --resume to start over (the new run replaces it)")
+
+
+def test_resume_state_of_another_network_is_a_checkpoint_error(tmp_path):
+    trainer = ScriptedTrainer(tmp_path, [1.0])
+    state = dict(model=build_model("efficientnet_lite0").state_dict(), optimizer=trainer.optimizer.state_dict(),
+                 scheduler=trainer.scheduler.state_dict(), epoch=1, best_loss=1.0, history=[])
+    with pytest.raises(CheckpointError, match="m.resume.pt does not fit this run .*--conv_net and --optimizer"):
+        trainer.resume(state)
+
+
 @pytest.mark.parametrize("flag", ["--img_size", "--eval_img_size"])
 def test_too_small_image_size_exits_2_before_decoding(tmp_path, flag):
     assert smallest_img_size("base_cnn") > 16
@@ -193,23 +241,6 @@ def test_model_file_defines_one_module_built_with_no_arguments(conv_net):
     assert classes[0]().forward(torch.zeros(1, 3, 64, 64)).shape == (1, 2)
 
 
-def _readme_train_commands():
-    """The `python train_main.py ...` commands of the README's Train section, joined across '\\' lines."""
-    text = open(os.path.join(ROOT, "README.md")).read().replace("\\\n", " ")
-    return [line.split()[2:] for line in text.splitlines() if line.startswith("python train_main.py")]
-
-
-@pytest.mark.parametrize("index", [0, 1])
-def test_original_readme_examples_run_as_written(tmp_path, index):
-    args = _readme_train_commands()[index]
-    # Shrunk to a smoke run on the fixtures (later flags win); VGG without downloadable weights.
-    extra = ["--data_dir", TRAIN_IMAGES, "--model_path", tmp_path / "m.pth", "--img_size", 32,
-             "--num_workers", 0, "--dry-run"] + (["--random_init"] if "vgg" in args else [])
-    result = run_cli("train_main.py", *args, *extra)
-    assert result.returncode == 0, result.stderr
-    assert (tmp_path / "m.pth").exists()
-
-
 @pytest.mark.parametrize("conv_net", sorted(MODELS))
 def test_unset_flags_take_the_registry_recipe_and_set_flags_win(conv_net):
     from parsers.train_parser import build_parser
@@ -221,3 +252,23 @@ def test_unset_flags_take_the_registry_recipe_and_set_flags_win(conv_net):
     flags = ["--conv_net", conv_net, "--optimizer", "sgd", "--weight_decay", "0", "--batch_size", "7", "--lr", "0.5"]
     config = resolve_defaults(TrainConfig(**vars(build_parser().parse_args(flags))))
     assert (config.optimizer, config.weight_decay, config.batch_size, config.lr) == ("sgd", 0.0, 7, 0.5)
+
+
+def test_training_writes_under_runs_by_default_and_keeps_a_model_already_there(tmp_path):
+    from parsers.train_parser import build_parser
+    from train_main import resolve_defaults
+    config = resolve_defaults(TrainConfig(**vars(build_parser().parse_args(["--conv_net", "base_cnn"]))))
+    assert config.model_path == os.path.join("runs", "base_cnn", "model_base_cnn.pth")  # never the shipped file
+
+    model_path = tmp_path / "m.pth"
+    model_path.write_bytes(b"the user's model")
+    (tmp_path / "m.json").write_text('{"conv_net": "base_cnn"}')
+    result = run_cli("train_main.py", "--data_dir", TRAIN_IMAGES, "--model_path", model_path, "--img_size", 32,
+                     "--batch_size", 4, "--epochs", 1, "--num_workers", 0, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    kept = [p for p in os.listdir(tmp_path) if p.startswith("m.previous-")]
+    assert sorted(p.rsplit(".", 1)[1] for p in kept) == ["json", "pth"]
+    kept_pth = next(p for p in kept if p.endswith(".pth"))
+    assert (tmp_path / kept_pth).read_bytes() == b"the user's model"
+    assert "kept the model that was at %s as" % model_path in result.stderr
+    assert torch.load(model_path, weights_only=True)["img_size"].item() == 32  # the new run's model
