@@ -31,8 +31,26 @@ def is_image_file(name):
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
+def _is_broken_link(path):
+    """A symbolic link whose target is missing or loops back: not a file, but not to be dropped silently."""
+    return os.path.islink(path) and not os.path.exists(path)
+
+
 def _image_files(folder):
-    return sorted(f for f in os.listdir(folder) if is_image_file(f) and os.path.isfile(os.path.join(folder, f)))
+    """Image file names of `folder`. Broken links are kept, so that decoding names them on stderr
+    like any unreadable file instead of dropping them unseen; sub-folders (even x.jpg/) are not images."""
+    def wanted(name):
+        path = os.path.join(folder, name)
+        return is_image_file(name) and (os.path.isfile(path) or _is_broken_link(path))
+    return sorted(filter(wanted, os.listdir(folder)))
+
+
+def read_error(path, exc):
+    """Why `path` cannot be read, in one phrase; a symbolic link says where it points."""
+    why = "cannot read file: %s" % (exc.strerror or exc)
+    if os.path.islink(path):
+        why += " (a symbolic link to %s)" % os.readlink(path)
+    return why
 
 
 def detect_layout(root, classes=CLASSES):
@@ -105,14 +123,33 @@ def stratified_split(samples, validation_split, seed):
     return sorted(train), sorted(val)
 
 
+# --dry-run: how many batches of images each part keeps (training runs 2 steps per epoch).
+DRY_RUN_BATCHES = {"train": 4, "val": 1}
+
+
+def dry_run_subset(train, val, batch_size):
+    """The few images a --dry-run uses: the first of each class in turn, so both classes are
+    seen (the first files of a sorted folder are all cats). Training and evaluation both call
+    this, so `evaluate_main.py --split val` re-creates a dry run's validation images too."""
+    def head(samples, n):
+        by_class = {}
+        for sample in samples:
+            by_class.setdefault(sample[1], []).append(sample)
+        queues = [by_class[label] for label in sorted(by_class)]
+        picked = [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+        return sorted(picked[:n])
+    return (head(train, DRY_RUN_BATCHES["train"] * batch_size),
+            head(val, DRY_RUN_BATCHES["val"] * batch_size))
+
+
 def _decode_one(args):
     path, img_size = args
     try:
-        return to_uint8_tensor(resize(open_rgb(path), img_size)).numpy(), None
+        return to_uint8_tensor(resize(open_rgb(path, img_size), img_size)).numpy(), None
     except ImageDecodeError as exc:
         return None, str(exc)
-    except OSError as exc:  # unreadable file
-        return None, "cannot read file: %s" % exc
+    except OSError as exc:  # unreadable file: permissions, a broken or looping symbolic link...
+        return None, read_error(path, exc)
 
 
 def decode_images(samples, img_size, num_workers=0, desc="decoding"):

@@ -12,7 +12,7 @@ import json
 import math
 import os
 
-from dataset import DataError, find_labeled_images, stratified_split
+from dataset import DataError, dry_run_subset, find_labeled_images, stratified_split
 from models import CLASSES
 from models.checkpoint import atomic_write_text
 from parsers.evaluate_parser import build_parser
@@ -69,7 +69,7 @@ def training_split(meta, split, data_dir=None):
     """Re-create the (train, val) split of train_main.py from the arguments it stored in the meta JSON.
 
     Returns (data_dir, samples of `split`). Same folder, same validation_split and seed
-    -> the very same images (dry-run training used only the first batch of each part; so do we).
+    -> the very same images (a dry run's few images included: dataset.dry_run_subset).
     """
     args = meta.get("args") or {}
     if "validation_split" not in args or "seed" not in args:
@@ -80,8 +80,7 @@ def training_split(meta, split, data_dir=None):
         raise DataError("the checkpoint's JSON does not record training's --data_dir; pass --data_dir")
     train, val = stratified_split(find_labeled_images(data_dir), args["validation_split"], args["seed"])
     if args.get("dry_run"):
-        batch = int(args.get("batch_size") or 32)
-        train, val = train[:4 * batch], val[:batch]
+        train, val = dry_run_subset(train, val, int(args.get("batch_size") or 32))
     chosen = val if split == "val" else train
     if not chosen:
         raise DataError("training held out no validation images (--validation_split %g)" % args["validation_split"])

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from dataset import DataError, find_images
+from dataset import DataError, find_images, read_error
 from models import CLASSES, MODELS, load_trained
 from models.checkpoint import CheckpointError, atomic_write_text, read_meta
 from models.transforms import ImageDecodeError, eval_transform, open_rgb
@@ -27,14 +27,14 @@ from parsers import fail, pick_device
 from parsers.predict_parser import build_parser
 
 
-def decode(path, transform):
-    """(tensor, None), or (None, why) for a file that is not an image we can read."""
+def decode(path, img_size):
+    """(model input tensor, None), or (None, why) for a file that is not an image we can read."""
     try:
-        return transform(open_rgb(path)), None
+        return eval_transform(img_size)(open_rgb(path, img_size)), None
     except ImageDecodeError as exc:
         return None, str(exc)
-    except OSError as exc:  # unreadable file (permissions, a directory named x.jpg, ...)
-        return None, "cannot read file: %s" % exc
+    except OSError as exc:  # unreadable file (permissions, a broken symbolic link, ...)
+        return None, read_error(path, exc)
 
 
 class _ImageFiles(Dataset):
@@ -47,7 +47,7 @@ class _ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        tensor, error = decode(self.paths[i], eval_transform(self.img_size))
+        tensor, error = decode(self.paths[i], self.img_size)
         return i, tensor, error
 
 
@@ -160,7 +160,7 @@ def predict_image(predictor, img_path, save=None):
     if not os.path.isfile(img_path):
         fail("image not found: %s" % img_path)
     try:
-        img = open_rgb(img_path)
+        img = open_rgb(img_path, predictor.img_size)
     except (ImageDecodeError, OSError) as exc:
         fail("%s: %s" % (img_path, exc))
     probs = predictor.probabilities(predictor.transform(img).unsqueeze(0))[0].tolist()

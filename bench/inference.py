@@ -98,7 +98,7 @@ class InProcess(object):
 
     def preprocess(self, data):
         from models.transforms import open_rgb
-        return self.transform(open_rgb(data))
+        return self.transform(open_rgb(data, self.img_size))
 
     def forward(self, batch):
         import torch

@@ -11,6 +11,7 @@ so a kill never leaves half a file.
 import json
 import os
 import tempfile
+import time
 
 import torch
 
@@ -66,6 +67,23 @@ def save_model(model, meta, model_path):
     atomic_write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", meta_path(model_path))
 
 
+def keep_previous(model_path):
+    """Move an existing model (weights and meta JSON) aside before a new run replaces it.
+
+    Returns the new name of the weights, or None when there was nothing there. A user's
+    model is never lost to a training run: it becomes model_x.previous-<its mtime>.pth.
+    """
+    if not os.path.exists(model_path):
+        return None
+    stem, ext = os.path.splitext(model_path)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(model_path)))
+    kept = "%s.previous-%s%s" % (stem, stamp, ext)
+    os.replace(model_path, kept)
+    if os.path.exists(meta_path(model_path)):
+        os.replace(meta_path(model_path), meta_path(kept))
+    return kept
+
+
 def read_meta(model_path):
     """The meta JSON beside `model_path`, or {} when there is none (e.g. weights from elsewhere)."""
     path = meta_path(model_path)
@@ -78,24 +96,68 @@ def read_meta(model_path):
         raise CheckpointError("cannot read %s: %s" % (path, exc))
 
 
-def load_state_dict(model_path):
-    if not os.path.isfile(model_path):
-        raise CheckpointError("no checkpoint at %s" % model_path)
+# What to do about weights that cannot be loaded (--resume checkpoints say their own).
+WEIGHTS_FIX = "pass the .pth file training wrote (--model_path), or train the model again"
+
+
+def one_line(exc):
+    """The gist of an exception in one short line: some have no message (EOFError), some a paragraph."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    text = text if len(text) <= 100 else text[:97] + "..."
+    return "%s: %s" % (type(exc).__name__, text) if text else type(exc).__name__
+
+
+def load_checkpoint(path, fix=WEIGHTS_FIX):
+    """torch.load(weights_only=True) of `path`, which unpickles tensors and containers but never code.
+
+    Whatever cannot be loaded (missing, unreadable, empty, truncated, not a PyTorch file, or a
+    pickled object) is a CheckpointError: one line naming the file and `fix`, what to do about it.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError("no checkpoint at %s" % path)
+    if os.path.getsize(path) == 0:  # torch.load says only EOFError()
+        raise CheckpointError("cannot load %s: the file is empty (0 bytes); %s" % (path, fix))
     try:
-        return torch.load(model_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, truncated zip, not a torch file...
-        raise CheckpointError("cannot load %s: %s" % (model_path, str(exc).splitlines()[0]))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:  # permissions, I/O errors
+        raise CheckpointError("cannot read %s: %s; %s" % (path, exc.strerror or one_line(exc), fix))
+    except Exception as exc:  # truncated zip, pickle errors, objects weights_only refuses to unpickle...
+        raise CheckpointError("cannot load %s: truncated, corrupt or not a PyTorch checkpoint (%s); %s"
+                              % (path, one_line(exc), fix))
+
+
+def check_writable(path, fix):
+    """Create the folder of `path` and make sure files can be written there; else a CheckpointError
+    naming `path` and `fix`. Training calls it before decoding a single image: an unwritable
+    --model_path is found in a second, not when the first epoch ends.
+    """
+    if os.path.isdir(path):
+        raise CheckpointError("cannot write %s: it is a folder; %s" % (path, fix))
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CheckpointError("cannot write %s: %s (%s); %s" % (path, exc.strerror or exc, exc.filename or directory,
+                                                               fix))
 
 
 def load_weights(model, model_path, conv_net):
     """Load `model_path` into `model`; a checkpoint of another architecture is a CheckpointError."""
-    state = load_state_dict(model_path)
+    state = load_checkpoint(model_path)
     if not isinstance(state, dict):
-        raise CheckpointError("%s does not hold a state_dict" % model_path)
+        raise CheckpointError("%s does not hold a state_dict; %s" % (model_path, WEIGHTS_FIX))
     try:
         model.load_state_dict(state)
     except RuntimeError:
         trained_as = read_meta(model_path).get("conv_net")
+        if trained_as == conv_net:  # the right name but other layers: saved by another version of the network
+            raise CheckpointError("%s was trained as %s, but its weights do not fit the current %s network (saved "
+                                  "by another version of it?); train the model again" % (model_path, conv_net,
+                                                                                         conv_net)) from None
         hint = " (it was trained as --conv_net %s)" % trained_as if trained_as else ""
-        raise CheckpointError("%s is not a %s checkpoint%s" % (model_path, conv_net, hint)) from None
+        raise CheckpointError("%s is not a %s checkpoint%s; %s" % (model_path, conv_net, hint, WEIGHTS_FIX)) from None
     return model

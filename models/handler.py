@@ -36,9 +36,27 @@ logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# 40 megapixels is well above any photo a phone takes (~12-50 MP is rare) and far
-# below what a decompression bomb claims; checked from the header, before decoding.
+# The only decoders an image ever reaches: the raster formats photos and screenshots come in.
+# Pillow is told to try these alone (Image.open(..., formats=...)), so no other plugin parses
+# a byte of the input: EPS would hand it to Ghostscript, and the rarer plugins (PSD, ICNS,
+# FITS, SPIDER, ...) are attack surface no pet photo needs. Anything else is 415.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# Pixel limits, read from the header before any pixel is decoded. A JPEG is decoded at 1/2,
+# 1/4 or 1/8 scale when the caller says what size it needs (draft mode, see open_rgb), so
+# its cost grows little with its size: 40 MP is above any phone photo (12 MP is the usual;
+# 48-50 MP sensors save 12 MP by default) and far below what a decompression bomb claims.
 MAX_IMAGE_PIXELS = 40_000_000
+DRAFT_FORMATS = ("JPEG", "MPO")  # MPO: the multi-picture JPEGs some cameras write
+# Every other format is decoded in full before it can be resized, at ~13-30 ms per megapixel
+# for a PNG on one core (measured): a 6000x6000 PNG, a few hundred KB when flat, held a worker
+# 0.5-1.2 s. 4096x4096 (16.8 MP) still takes a 12 MP phone photo (4032x3024) and 4K (8.3 MP)
+# or 5K (14.7 MP) screenshots. A photographic PNG needs 2-3 bytes per pixel, so within the
+# 10 MiB upload limit it stays under ~5 MP anyway: a bigger claim is a flat graphic or a bomb.
+MAX_FULL_DECODE_PIXELS = 4096 * 4096
+# Draft mode keeps both sides at least DRAFT_FACTOR x the model's input side, so the final
+# resize still averages 2x2 or more source pixels per output pixel. It only ever divides by
+# 2, 4 or 8, so the 200x200 Kaggle images are decoded as before at any input side over 50 px.
+DRAFT_FACTOR = 2
 # Used only when neither the weights, the meta JSON nor the model config give a size.
 FALLBACK_IMG_SIZE = 224
 # Smaller images carry nothing to classify (a 1x1 pixel is a colour, not a pet);
@@ -57,23 +75,33 @@ def bad_input(message, code=400, error_type="InvalidImage"):
     return DogsVsCatsHandler.BadInput(message, code, error_type)
 
 
-def open_rgb(source):
+def open_rgb(source, img_size=None):
     """Decode a path, bytes or file object into an upright RGB PIL image.
 
     Handles what cameras and editors produce: EXIF orientation, grayscale,
     16-bit, palette, CMYK and images with alpha (composited onto white, the
-    colour a transparent background shows in a browser). Raises BadInput.
+    colour a transparent background shows in a browser). Raises BadInput;
+    a path that cannot be opened raises the OSError (a file problem, not the image's).
+
+    img_size: the side the caller resizes the image to. Given, a big JPEG is decoded
+    at reduced scale (draft mode), which bounds the cost of a 40 MP upload to that of a
+    small one. Training, prediction and serving all pass their model's input side, so
+    the three decode the very same pixels.
     """
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            return open_rgb(f, img_size)
     if isinstance(source, (bytes, bytearray)):
         if not source:
             raise bad_input("empty input: no image bytes received", 400, "EmptyBody")
         source = io.BytesIO(source)
     try:
-        img = Image.open(source)
-        width, height = img.size
-        if width * height > MAX_IMAGE_PIXELS:
-            raise bad_input("image too large: %dx%d pixels (limit %d)" % (width, height, MAX_IMAGE_PIXELS),
-                            413, "ImageTooLarge")
+        img = Image.open(source, formats=ACCEPTED_FORMATS)
+        _check_pixels(img)
+        if img_size:
+            # Only JPEG can do this (other formats ignore it): decoded at the smallest of 1/1, 1/2,
+            # 1/4, 1/8 scale whose sides stay >= the size asked for, at a fraction of the cost.
+            img.draft("RGB", (DRAFT_FACTOR * img_size, DRAFT_FACTOR * img_size))
         img.load()
         img = ImageOps.exif_transpose(img)
     except DogsVsCatsHandler.BadInput:
@@ -81,10 +109,26 @@ def open_rgb(source):
     except Image.DecompressionBombError as exc:
         raise bad_input("image too large: %s" % exc, 413, "ImageTooLarge")
     except Image.UnidentifiedImageError:
-        raise bad_input("not an image (unrecognized format)")
+        # No accepted decoder recognises the bytes: another format (EPS, PSD, HEIC, ...), not an
+        # image at all, or a header too damaged to tell. Saying which would mean parsing them.
+        raise bad_input("unsupported image format: the accepted formats are %s and %s (or its header is damaged)"
+                        % (", ".join(ACCEPTED_FORMATS[:-1]), ACCEPTED_FORMATS[-1]), 415, "UnsupportedImageFormat")
     except (OSError, SyntaxError, ValueError) as exc:
         raise bad_input("cannot decode image: %s" % (str(exc) or type(exc).__name__))
     return to_rgb(img)
+
+
+def _check_pixels(img):
+    """ImageTooLarge, from the header alone, above the limit of the image's format (see MAX_FULL_DECODE_PIXELS)."""
+    width, height = img.size
+    if img.format in DRAFT_FORMATS:
+        limit, limits = MAX_IMAGE_PIXELS, "%d for JPEG" % MAX_IMAGE_PIXELS
+    else:
+        limit, limits = MAX_FULL_DECODE_PIXELS, "%d for %s, %d for JPEG" % (MAX_FULL_DECODE_PIXELS, img.format,
+                                                                         MAX_IMAGE_PIXELS)
+    if width * height > limit:
+        raise bad_input("image too large: %dx%d is %d pixels (limit %s)" % (width, height, width * height, limits),
+                        413, "ImageTooLarge")
 
 
 def to_rgb(img):
@@ -283,7 +327,7 @@ class DogsVsCatsHandler(object):
     def preprocess_one(self, row):
         """One request -> normalized CHW tensor; a bad one raises BadInput saying why."""
         try:
-            img = open_rgb(_payload(row))
+            img = open_rgb(_payload(row), self.img_size)
         except DogsVsCatsHandler.BadInput as exc:
             exc.message = re.sub(r"\s*<[^<>]*>", "", exc.message)  # no object reprs in answers
             raise

@@ -7,13 +7,14 @@ from there. What only training needs, the augmentation, lives here.
 """
 from torchvision import transforms as T
 
-from models.handler import (IMAGENET_MEAN, IMAGENET_STD, MAX_IMAGE_PIXELS, DogsVsCatsHandler, eval_transform,
-                            normalize, open_rgb, resize, to_rgb, to_uint8_tensor)
+from models.handler import (ACCEPTED_FORMATS, IMAGENET_MEAN, IMAGENET_STD, MAX_FULL_DECODE_PIXELS, MAX_IMAGE_PIXELS,
+                            DogsVsCatsHandler, eval_transform, normalize, open_rgb, resize, to_rgb, to_uint8_tensor)
 
 ImageDecodeError = DogsVsCatsHandler.BadInput  # the bytes are not an image we can classify
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MAX_IMAGE_PIXELS", "ImageDecodeError", "eval_transform", "normalize",
-           "open_rgb", "resize", "to_rgb", "to_uint8_tensor", "train_augment"]
+__all__ = ["ACCEPTED_FORMATS", "IMAGENET_MEAN", "IMAGENET_STD", "MAX_FULL_DECODE_PIXELS", "MAX_IMAGE_PIXELS",
+           "ImageDecodeError", "eval_transform", "normalize", "open_rgb", "resize", "to_rgb", "to_uint8_tensor",
+           "train_augment"]
 
 
 def train_augment(img_size):

@@ -37,3 +37,18 @@ def folder_data(tmp_path):
         os.makedirs(dst / label, exist_ok=True)
         shutil.copy(os.path.join(TRAIN_IMAGES, name), dst / label / name.replace(label + ".", "img_"))
     return dst
+
+
+@pytest.fixture
+def eps_plugin_calls(monkeypatch):
+    """A list that grows each time Pillow's EPS plugin starts parsing bytes: the step before it runs
+    Ghostscript on them. Bytes that never get there cannot reach Ghostscript, installed or not."""
+    from PIL import EpsImagePlugin
+    calls = []
+    parse = EpsImagePlugin.EpsImageFile._open
+
+    def spy(self):
+        calls.append(self)
+        return parse(self)
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", spy)
+    return calls

@@ -113,6 +113,17 @@ def tiny_png():
     return encode(Image.new("RGB", (1, 1), (200, 120, 40)), "PNG")
 
 
+def flat_png(side):
+    """A real side x side PNG of one colour: issue 17's upload, ~120 KB for 6000 that decode to 108 MB."""
+    return encode(Image.new("RGB", (side, side), (120, 80, 40)), "PNG")
+
+
+def eps_bytes():
+    """A minimal EPS file. Pillow's EPS plugin recognises it, and to decode it runs Ghostscript on it."""
+    return (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n%%EndComments\n"
+            b"newpath 0 0 moveto 64 64 lineto stroke\nshowpage\n%%EOF\n")
+
+
 # ---- the server ------------------------------------------------------------------------------
 
 def _read_properties(path):
@@ -340,7 +351,7 @@ def expected_dog_probabilities(conv_net, checkpoint, images):
         _TRAINED[key] = load_trained(conv_net, checkpoint)
     model, img_size = _TRAINED[key]
     transform = eval_transform(img_size)
-    batch = torch.stack([transform(open_rgb(data)) for data in images])
+    batch = torch.stack([transform(open_rgb(data, img_size)) for data in images])
     with torch.inference_mode():
         probs = torch.softmax(model(batch), dim=1)
     return probs[:, CLASSES.index("dog")].tolist()

@@ -1,3 +1,4 @@
+import errno
 import os
 
 import pytest
@@ -5,6 +6,7 @@ import torch
 
 from conftest import run_cli
 from dataset import DataError, decode_images, find_images, find_labeled_images, stratified_split
+from tests.serving_utils import eps_bytes
 
 
 def test_flat_layout_labels_come_from_file_names(flat_data):
@@ -57,6 +59,33 @@ def test_corrupt_image_is_named_and_skipped(flat_data, capsys):
     assert capsys.readouterr().err.count("cat.999.jpg") == 1
 
 
+def test_broken_and_looping_links_are_named_and_skipped(flat_data, capsys):
+    """Issue 17: dangling and looping *.jpg links were dropped without a word."""
+    os.symlink(str(flat_data / "gone.jpg"), str(flat_data / "cat.900.jpg"))  # its target does not exist
+    os.symlink("dog.901.jpg", str(flat_data / "dog.900.jpg"))  # two links pointing at each other
+    os.symlink("dog.900.jpg", str(flat_data / "dog.901.jpg"))
+    (flat_data / "cat.902.jpg").mkdir()  # a folder named like an image is no image: not listed
+    samples = find_labeled_images(str(flat_data))
+    assert len(samples) == 27
+    assert str(flat_data / "cat.900.jpg") in find_images(str(flat_data))  # prediction's listing too
+    images, labels, kept = decode_images(samples, 32)
+    assert len(kept) == len(labels) == 24
+    err = capsys.readouterr().err
+    for name in ("cat.900.jpg", "dog.900.jpg", "dog.901.jpg"):
+        assert err.count("warning: skipping %s: cannot read file: " % (flat_data / name)) == 1, err
+    assert "%s (a symbolic link to %s)" % (os.strerror(errno.ENOENT), flat_data / "gone.jpg") in err
+    assert "%s (a symbolic link to dog.901.jpg)" % os.strerror(errno.ELOOP) in err
+    assert "cat.902.jpg" not in err
+
+
+def test_eps_named_jpg_is_skipped_without_reaching_its_plugin(flat_data, capsys, eps_plugin_calls):
+    """Training decodes only the accepted formats, as serving does: never Pillow's EPS plugin (Ghostscript)."""
+    (flat_data / "cat.998.jpg").write_bytes(eps_bytes())
+    images, labels, kept = decode_images(find_labeled_images(str(flat_data)), 32)
+    assert len(kept) == 24 and eps_plugin_calls == []
+    assert "skipping %s: unsupported image format" % (flat_data / "cat.998.jpg") in capsys.readouterr().err
+
+
 def test_unlabeled_folder_sorts_numeric_ids_numerically(tmp_path):
     for stem in ["10", "2", "1", "abc"]:
         (tmp_path / (stem + ".jpg")).write_bytes(b"x")
@@ -84,3 +113,13 @@ def test_train_main_skips_corrupt_file_and_names_it(tmp_path, flat_data):
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("dog.999.jpg") == 1
     assert (tmp_path / "m.pth").exists()
+
+
+def test_dry_run_subset_holds_both_classes(flat_data):
+    from dataset import dry_run_subset
+    train, val = stratified_split(find_labeled_images(str(flat_data)), 0.25, seed=0)
+    small_train, small_val = dry_run_subset(train, val, batch_size=2)
+    assert len(small_train) == 8 and len(small_val) == 2
+    for part, whole in ((small_train, train), (small_val, val)):
+        assert {label for _, label in part} == {0, 1}  # sorted files start with every cat
+        assert set(part) <= set(whole)

@@ -11,7 +11,7 @@ import evaluate_main
 import train_main
 from dataset import find_labeled_images, stratified_split
 from evaluate_main import compute_metrics, log_loss
-from models import CLASSES, build_model
+from models import CLASSES, build_model, set_serving_size
 from models.checkpoint import save_model
 
 CAT, DOG = CLASSES.index("cat"), CLASSES.index("dog")
@@ -19,8 +19,9 @@ CAT, DOG = CLASSES.index("cat"), CLASSES.index("dog")
 
 def saved_model(path, img_size=32):
     torch.manual_seed(0)
-    save_model(build_model("base_cnn"), dict(conv_net="base_cnn", img_size=img_size, classes=list(CLASSES),
-                                             dropout=0.3), str(path))
+    model = build_model("base_cnn")
+    set_serving_size(model, img_size)  # as training does: the weights carry the size, and they win over the JSON
+    save_model(model, dict(conv_net="base_cnn", img_size=img_size, classes=list(CLASSES), dropout=0.3), str(path))
     return str(path)
 
 

@@ -18,10 +18,10 @@ import uuid
 
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
-from tests.serving_utils import (REPO_ROOT, TEST1_DIR, TRAIN_DIR, bomb_png, dog_probability, encode,
-                                 expected_dog_probabilities, fixture_bytes, make_checkpoint, tiny_png,
+from tests.serving_utils import (REPO_ROOT, TEST1_DIR, TRAIN_DIR, bomb_png, dog_probability, encode, eps_bytes,
+                                 expected_dog_probabilities, fixture_bytes, flat_png, make_checkpoint, tiny_png,
                                  truncated_jpeg)
 
 ts_context = pytest.importorskip("ts.context")
@@ -30,7 +30,8 @@ from ts.model_loader import TsModelLoader  # noqa: E402
 from ts.utils.util import list_classes_from_module  # noqa: E402
 
 from models import handler as handler_module  # noqa: E402
-from models.handler import DogsVsCatsHandler, pick_model_class  # noqa: E402
+from models.handler import (ACCEPTED_FORMATS, MAX_FULL_DECODE_PIXELS, DogsVsCatsHandler, open_rgb,  # noqa: E402
+                            pick_model_class)
 
 IMG_SIZE = 64
 
@@ -274,9 +275,11 @@ def test_batch_answers_each_request_in_order_and_fails_only_the_bad_ones(loaded)
             {"body": goods[3]}, {"data": {"json": "body"}}]
     results = run(loaded, rows)
     statuses = [r[0] for r in results]
-    assert statuses == [200, 400, 400, 200, 400, 413, 200, 400, 200, 400]
+    # Text is no format we decode: 415. The truncated JPEG is one, broken: 400.
+    assert statuses == [200, 400, 415, 200, 400, 413, 200, 400, 200, 400]
     types = [r[1].get("type") for r in results if r[0] != 200]
-    assert types == ["EmptyBody", "InvalidImage", "InvalidImage", "ImageTooLarge", "ImageTooSmall", "InvalidInput"]
+    assert types == ["EmptyBody", "UnsupportedImageFormat", "InvalidImage", "ImageTooLarge", "ImageTooSmall",
+                     "InvalidInput"]
     for status, answer, content_type in results:
         assert content_type == "application/json"
         if status != 200:
@@ -290,8 +293,64 @@ def test_batch_answers_each_request_in_order_and_fails_only_the_bad_ones(loaded)
 
 
 def test_all_bad_batch(loaded):
+    # Three bytes of JPEG signature and no header: no decoder can tell what they are, so 415 like any
+    # unrecognised bytes (telling "damaged JPEG" from "not a JPEG" would mean parsing them further).
     results = run(loaded, [{"body": b""}, {"body": b"\xff\xd8\xff"}])
-    assert [r[0] for r in results] == [400, 400]
+    assert [r[0] for r in results] == [400, 415]
+    assert [r[1]["type"] for r in results] == ["EmptyBody", "UnsupportedImageFormat"]
+
+
+def test_eps_is_415_and_never_reaches_the_eps_plugin(loaded, eps_plugin_calls):
+    """Issue 17: an EPS upload reached Pillow's EPS plugin, which runs Ghostscript on it."""
+    assert Image.open(io.BytesIO(eps_bytes())).format == "EPS"  # plain Pillow hands these bytes to the plugin
+    assert len(eps_plugin_calls) == 1
+    (status, answer, content_type), = run(loaded, [{"body": eps_bytes()}])
+    assert status == 415 and answer["type"] == "UnsupportedImageFormat" and content_type == "application/json"
+    assert all(name in answer["message"] for name in ACCEPTED_FORMATS)
+    assert len(eps_plugin_calls) == 1  # the handler's decoding never got there
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"])
+def test_every_accepted_format_is_served(loaded, fmt):
+    data = encode(rgb_of("dog.8.jpg"), fmt)
+    (status, answer, _), = run(loaded, [{"body": data}])
+    assert status == 200, answer
+    assert dog_probability(answer) == pytest.approx(expected(loaded, [data])[0], abs=1e-5)
+
+
+def test_6000x6000_png_is_refused_from_its_header(loaded, monkeypatch):
+    """Issue 17: 32 such PNGs of ~120 KB each (108 MB of pixels each) kept a worker busy 14.6 s.
+    Formats decoded in full are limited to 4096x4096, checked before a pixel is decoded."""
+    data = flat_png(6000)
+    assert len(data) < 200 * 1024
+    decoded = []
+    load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda img: decoded.append(img.size) or load(img))
+    start = time.perf_counter()
+    (status, answer, _), = run(loaded, [{"body": data}])
+    elapsed = time.perf_counter() - start
+    assert status == 413 and answer["type"] == "ImageTooLarge"
+    assert "6000x6000" in answer["message"] and str(MAX_FULL_DECODE_PIXELS) in answer["message"]
+    assert decoded == []  # not a pixel decoded, which took 0.5-1.2 s on one core
+    assert elapsed < 0.5
+
+
+def test_full_decode_limit_is_4096_squared(loaded):
+    """The limit still takes a 12 MP phone photo or a 5K screenshot saved as PNG."""
+    results = run(loaded, [{"body": flat_png(4096)}, {"body": bomb_png(4097)}])
+    assert [r[0] for r in results] == [200, 413]
+
+
+def test_big_jpeg_is_decoded_at_reduced_scale(loaded):
+    """JPEG draft mode: a 6000x4000 photo is decoded at 1/8 scale, 750x500 (both sides >= 2 x 64 px),
+    for a fraction of a full decode's cost, and answered like the project's own code decodes it."""
+    handler, _, _ = loaded
+    data = encode(rgb_of("dog.3.jpg").resize((6000, 4000)), "JPEG", quality=90)
+    assert open_rgb(data, handler.img_size).size == (750, 500)
+    assert open_rgb(data).size == (6000, 4000)  # without a size to aim at: in full
+    (status, answer, _), = run(loaded, [{"body": data}])
+    assert status == 200
+    assert dog_probability(answer) == pytest.approx(expected(loaded, [data])[0], abs=1e-5)
 
 
 @pytest.mark.parametrize("side", [30000, 8000])

@@ -47,8 +47,9 @@ VGG_TEST_SIZE = 64
 
 
 def user_copy(directory):
-    """The repository's tracked files (what a clone has) plus the fixture images under data/."""
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True, check=True).stdout
+    """The repository as a clone has it (its tracked and new, not ignored, files) plus the fixture images in data/."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT,
+                           capture_output=True, check=True).stdout
     for rel in files.decode().split("\0"):
         if rel and os.path.isfile(os.path.join(REPO_ROOT, rel)):
             os.makedirs(os.path.join(directory, os.path.dirname(rel)), exist_ok=True)
@@ -200,3 +201,14 @@ def test_readme_torchserve_command_without_vgg_mar_serves_base_cnn(tmp_path):
         assert response.status_code == 404 and "Model not found: vgg" in response.text
         with open(ts.out_path) as f:
             assert "Failed to load model: vgg.mar" in f.read()
+
+
+def test_readme_shows_the_original_commands_exactly():
+    def words(text):
+        return " ".join(text.replace("\\\n", " ").split())
+    with open(os.path.join(REPO_ROOT, "README.md")) as f:
+        readme = words(f.read())
+    torchserve = ("torchserve --start --ncs --ts-config deployment/config.properties --model-store "
+                  "deployment/model-store --models vgg=vgg.mar base_cnn=base_cnn.mar")
+    for command in list(ORIGINAL_TRAIN.values()) + list(ORIGINAL_ARCHIVE.values()) + [ORIGINAL_PREDICT, torchserve]:
+        assert words(command) in readme, command

@@ -1,5 +1,6 @@
 """predict_main.py: one image (label, probability, figure) and a folder (Kaggle submission CSV)."""
 import csv
+import io
 import os
 import shutil
 import subprocess
@@ -7,12 +8,15 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import ROOT, TEST_IMAGES, TRAIN_IMAGES, run_cli
 import predict_main
-from models import CLASSES, build_model
+from models import CLASSES, build_model, set_serving_size
+from dataset import _decode_one
 from models.checkpoint import meta_path, save_model
-from models.transforms import eval_transform, open_rgb
+from models.transforms import eval_transform, normalize, open_rgb
+from tests.serving_utils import eps_bytes
 
 IDS = ["1", "2", "3", "2124"]  # test1's fixture images, numeric order (alphabetical would put 2124 before 3)
 
@@ -21,6 +25,7 @@ def saved_model(path, conv_net="base_cnn", img_size=32, seed=0):
     """A randomly initialised model saved as training saves one (weights + meta JSON)."""
     torch.manual_seed(seed)
     model = build_model(conv_net)
+    set_serving_size(model, img_size)  # training records the size in the weights too, and they win over the JSON
     save_model(model, dict(conv_net=conv_net, img_size=img_size, classes=list(CLASSES), dropout=0.3), str(path))
     return str(path)
 
@@ -35,7 +40,7 @@ def expected_p_dog(path, img_size, image):
     model = build_model("base_cnn")
     model.load_state_dict(torch.load(path, weights_only=True))
     with torch.no_grad():
-        logits = model.eval()(eval_transform(img_size)(open_rgb(image)).unsqueeze(0))
+        logits = model.eval()(eval_transform(img_size)(open_rgb(image, img_size)).unsqueeze(0))
     return torch.softmax(logits, 1)[0, CLASSES.index("dog")].item()
 
 
@@ -129,6 +134,27 @@ def test_model_trained_at_another_size_needs_no_flag(tmp_path):
     assert abs(sum(probs) - 1) < 1e-6
 
 
+def test_training_prediction_and_serving_decode_a_big_jpeg_alike(tmp_path):
+    """JPEG draft mode everywhere: a 3000x2000 photo is decoded at 1/8 scale by training, prediction and
+    the handler (which gets the bytes), so none of them drifts from the others."""
+    path = tmp_path / "dog.1.jpg"
+    Image.open(os.path.join(TRAIN_IMAGES, "dog.3.jpg")).resize((3000, 2000)).save(path, quality=90)
+    served = eval_transform(64)(open_rgb(path.read_bytes(), 64))  # models/handler.py's preprocess_one
+    predicted, error = predict_main.decode(str(path), 64)
+    trained, _ = _decode_one((str(path), 64))
+    assert error is None
+    assert torch.equal(predicted, served) and torch.equal(normalize(torch.from_numpy(trained)), served)
+    assert open_rgb(str(path), 64).size == (375, 250)
+    assert not torch.equal(eval_transform(64)(open_rgb(str(path))), served)  # a full decode differs
+
+
+def test_eps_file_is_skipped_without_reaching_its_plugin(tmp_path, eps_plugin_calls):
+    path = tmp_path / "1.jpg"
+    path.write_bytes(eps_bytes())
+    tensor, why = predict_main.decode(str(path), 32)
+    assert tensor is None and why.startswith("unsupported image format") and eps_plugin_calls == []
+
+
 # ---- one image --------------------------------------------------------------------------------
 
 def test_one_image_prints_label_and_probability_and_saves_the_figure(tmp_path, model_path, capsys):
@@ -215,6 +241,55 @@ def test_model_path_defaults_to_the_registry_path(tmp_path, capsys, monkeypatch)
         predict_main.main(["--conv_net", "base_cnn", "--img_path", os.path.join(TEST_IMAGES, "1.jpg")])
     assert exit_info.value.code == 2
     assert "no checkpoint at models/base_cnn/model_base_cnn.pth" in one_error_line(capsys.readouterr().err)
+
+
+def test_empty_checkpoint_is_one_line_naming_it_and_what_to_do(tmp_path):
+    """Issue 17: a 0-byte .pth was an IndexError traceback."""
+    path = tmp_path / "model_base_cnn.pth"
+    path.write_bytes(b"")
+    result = run_cli("predict_main.py", "--model_path", path, "--img_path", os.path.join(TEST_IMAGES, "1.jpg"))
+    assert result.returncode == 2
+    assert one_error_line(result.stderr) == (
+        "error: cannot load %s: the file is empty (0 bytes); pass the .pth file training wrote (--model_path), "
+        "or train the model again" % path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: data[:len(data) // 2], "truncated, corrupt or not a PyTorch checkpoint (RuntimeError: "),
+    (lambda data: b"plain text", "truncated, corrupt or not a PyTorch checkpoint ("),
+    (lambda data: torch_bytes([1, 2]), "does not hold a state_dict"),
+    (lambda data: torch_bytes({"fc.weight": torch.zeros(2)}), "is not a base_cnn checkpoint"),
+])
+def test_unusable_checkpoint_is_one_line_naming_it(tmp_path, model_path, capsys, damage, message):
+    path = tmp_path / "damaged.pth"
+    with open(model_path, "rb") as f:
+        path.write_bytes(damage(f.read()))
+    with pytest.raises(SystemExit) as exit_info:
+        predict_main.main(["--model_path", str(path), "--img_path", os.path.join(TEST_IMAGES, "1.jpg")])
+    assert exit_info.value.code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(path) in line and message in line
+
+
+def test_weights_of_an_older_version_of_the_network_are_one_line(tmp_path, capsys):
+    """The meta JSON says base_cnn, but the layers are not the current base_cnn's (a checkpoint saved
+    before the network changed): say so, and that it needs training again."""
+    path = saved_model(tmp_path / "old.pth")
+    state = torch.load(path, weights_only=True)
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, path)
+    with pytest.raises(SystemExit) as exit_info:
+        predict_main.main(["--model_path", path, "--img_path", os.path.join(TEST_IMAGES, "1.jpg")])
+    assert exit_info.value.code == 2
+    assert one_error_line(capsys.readouterr().err) == (
+        "error: %s was trained as base_cnn, but its weights do not fit the current base_cnn network (saved by "
+        "another version of it?); train the model again" % path)
+
+
+def torch_bytes(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def test_unreadable_checkpoint_is_one_line(tmp_path, capsys):

@@ -31,9 +31,9 @@ import requests
 import yaml
 
 from tests.serving_utils import (REPO_ROOT, SHIPPED_CONFIG, TEST1_DIR, TRAIN_DIR, TorchServe, archive, bomb_png,
-                                 dog_probability, encode, expected_dog_probabilities, fixture_bytes,
-                                 make_checkpoint, read_json_response, run_archive, tiny_png, truncated_jpeg,
-                                 write_model_config)
+                                 dog_probability, encode, eps_bytes, expected_dog_probabilities, fixture_bytes,
+                                 flat_png, make_checkpoint, read_json_response, run_archive, tiny_png,
+                                 truncated_jpeg, write_model_config)
 
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 11+")
 
@@ -265,7 +265,8 @@ def test_image_modes_served(server, checkpoints, variant):
 
 BAD_INPUTS = {
     "empty_body": (lambda: b"", 400, "EmptyBody"),
-    "not_an_image": (lambda: b"plain text, not an image\n" * 10, 400, "InvalidImage"),
+    "not_an_image": (lambda: b"plain text, not an image\n" * 10, 415, "UnsupportedImageFormat"),
+    "eps": (eps_bytes, 415, "UnsupportedImageFormat"),  # Pillow's EPS plugin would run Ghostscript on it
     "truncated_jpeg": (lambda: truncated_jpeg(fixture_bytes("2124.jpg")), 400, "InvalidImage"),
     "decompression_bomb": (lambda: bomb_png(30000), 413, "ImageTooLarge"),
     "one_pixel": (tiny_png, 400, "ImageTooSmall"),
@@ -304,6 +305,50 @@ def test_upload_over_limit_with_expect_100_continue(server):
     assert out == b"413"
 
 
+def test_normal_request_answered_within_2s_while_32_big_pngs_are_in_flight(server, checkpoints, capsys):
+    """Issue 17: 32 PNGs of ~120 KB, each decoding to 6000x6000 (108 MB), kept base_cnn busy 14.6 s and a
+    normal request sent meanwhile waited 12.7 s. Over the 4096x4096 limit of formats decoded in full, they
+    are refused from the header now: normal requests sent one after another for as long as any upload is
+    in flight are each answered within 2 s by this server's one worker."""
+    big, good = flat_png(6000), fixture_bytes("2124.jpg")
+    assert len(big) < 200 * 1024
+    want, = expected_dog_probabilities("base_cnn", checkpoints["base_cnn"], [good])
+    url = server.predict_url("base_cnn")
+    barrier = threading.Barrier(33)
+    finished = []
+
+    def upload():
+        barrier.wait(timeout=60)
+        response = requests.post(url, data=big, timeout=300)
+        finished.append(time.monotonic())
+        return response
+
+    normal = []  # (uploads in flight when it was sent, seconds to its answer)
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        uploads = [pool.submit(upload) for _ in range(32)]
+        barrier.wait(timeout=60)
+        start, deadline = time.monotonic(), time.monotonic() + 300
+        while time.monotonic() < deadline:
+            time.sleep(0.01)  # the uploads go first
+            in_flight = 32 - len(finished)
+            if normal and not in_flight:
+                break
+            sent = time.monotonic()
+            response = requests.post(url, data=good, timeout=120)
+            normal.append((in_flight, time.monotonic() - sent))
+            assert_answer(response, want)
+        big_responses = [f.result() for f in uploads]
+    slowest = max(seconds for _, seconds in normal)
+    with capsys.disabled():
+        print("\n32 uploads of a %d KB 6000x6000 PNG, all answered within %.2f s; %d normal requests sent meanwhile "
+              "(the first with %d uploads in flight), the slowest answered in %.0f ms"
+              % (len(big) // 1024, max(finished) - start, len(normal), normal[0][0], slowest * 1000))
+    assert normal[0][0] > 0, "the uploads were all answered before a normal request was sent: nothing measured"
+    assert slowest < 2.0
+    for r in big_responses:
+        assert r.status_code == 413 and read_json_response(r)["type"] == "ImageTooLarge", r.text
+
+
 # ---- batching ------------------------------------------------------------------------------------------
 
 def _batches_seen(server, model):
@@ -326,7 +371,7 @@ def test_batch_of_concurrent_requests_with_one_bad(server, checkpoints):
 
     with concurrent.futures.ThreadPoolExecutor(len(payloads)) as pool:
         responses = list(pool.map(send, payloads))
-    assert responses[bad_at].status_code == 400 and read_json_response(responses[bad_at])["code"] == 400
+    assert responses[bad_at].status_code == 415 and read_json_response(responses[bad_at])["code"] == 415
     good = responses[:bad_at] + responses[bad_at + 1:]
     for response, prob in zip(good, want):
         assert_answer(response, prob)  # each answer belongs to its own request
