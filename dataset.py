@@ -11,7 +11,7 @@ would otherwise cost as much as the model's forward pass.
 import os
 import random
 import sys
-from multiprocessing import Pool
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch.utils.data import Dataset
@@ -123,14 +123,23 @@ def stratified_split(samples, validation_split, seed):
     return sorted(train), sorted(val)
 
 
-# --dry-run: how many batches of images each part keeps (training runs 2 steps per epoch).
-DRY_RUN_BATCHES = {"train": 4, "val": 1}
+def training_samples(data_dir, validation_split, seed, dry_run=False, batch_size=None):
+    """The (train, val) samples a training run with these flags uses: the seeded, stratified split of
+    `data_dir`, cut down to a few batches by --dry-run. Training calls this, and so does evaluation
+    with the flags a checkpoint's JSON recorded, so `evaluate_main.py --split val` scores exactly
+    the images training held out, a dry run's included."""
+    train, val = stratified_split(find_labeled_images(data_dir), validation_split, seed)
+    return dry_run_subset(train, val, batch_size) if dry_run else (train, val)
+
+
+# --dry-run: how many batches of images each part keeps. Training then runs 2 steps per epoch
+# (fewer per process under torchrun: the ranks share them) and validates one batch.
+DRY_RUN_BATCHES = {"train": 2, "val": 1}
 
 
 def dry_run_subset(train, val, batch_size):
     """The few images a --dry-run uses: the first of each class in turn, so both classes are
-    seen (the first files of a sorted folder are all cats). Training and evaluation both call
-    this, so `evaluate_main.py --split val` re-creates a dry run's validation images too."""
+    seen (the first files of a sorted folder are all cats)."""
     def head(samples, n):
         by_class = {}
         for sample in samples:
@@ -160,8 +169,12 @@ def decode_images(samples, img_size, num_workers=0, desc="decoding"):
     jobs = [(path, img_size) for path, _ in samples]
     bar = dict(total=len(jobs), desc=desc, unit="img", leave=False, mininterval=1.0)
     if num_workers > 0:
-        with Pool(num_workers) as pool:
-            results = list(tqdm(pool.imap(_decode_one, jobs, chunksize=64), **bar))
+        # Threads, not processes: Pillow's decoding and resizing release the GIL, so they run in
+        # parallel all the same, and nothing is forked. A forked child of a process whose torch
+        # already ran its OpenMP thread pool (the model is built before decoding) can deadlock in
+        # its first torch operation; threads also need no /dev/shm.
+        with ThreadPoolExecutor(max_workers=num_workers) as pool:
+            results = list(tqdm(pool.map(_decode_one, jobs), **bar))
     else:
         results = [_decode_one(job) for job in tqdm(jobs, **bar)]
     images, kept = [], []

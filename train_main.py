@@ -4,58 +4,40 @@ On several processes: `torchrun --nproc_per_node 2 train_main.py ...` (docs/scal
 """
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import torch
 
-from dataset import (DataError, DecodedImages, decode_images, dry_run_subset, find_labeled_images,
-                     stratified_split)
+from dataset import DataError, DecodedImages, decode_images, training_samples
 from distributed import Cluster, setup
+from hardware import pick_precision
 from models import CLASSES, MODELS, PretrainedWeightsError, build_model, set_serving_size, smallest_img_size
 from models.checkpoint import CheckpointError, check_writable
 from models.transforms import train_augment
 from parsers import fail, pick_device
-from parsers.train_parser import build_parser
-from train import TrainConfig, Trainer, make_optimizer, read_resume_state, resume_path, warmup_cosine
+from parsers.train_parser import SPEC_FIELDS, build_parser
+from train import TrainConfig, Trainer, check_same_run, make_optimizer, read_resume_state, resume_path, warmup_cosine
 
-
-# Flags whose default is the model's own (models.MODELS), used wherever the flag was not given.
-PER_MODEL_DEFAULTS = ("epochs", "lr", "optimizer", "weight_decay", "batch_size", "dropout", "img_size")
+# The flags whose default is the model's own: those named like a field of models.ModelSpec.
+PER_MODEL_DEFAULTS = tuple(f.name for f in fields(TrainConfig) if f.name in SPEC_FIELDS)
 
 
 def resolve_defaults(config):
+    """Fill in every flag left unset (None) with the model's own value from models.MODELS."""
     spec = MODELS[config.conv_net]
     config.model_path = config.model_path or spec.run_model_path
+    if config.eval_img_size is None and config.img_size not in (None, spec.img_size):
+        config.eval_img_size = config.img_size  # the registry's evaluation size goes with its training size
     for name in PER_MODEL_DEFAULTS:
         if getattr(config, name) is None:
             setattr(config, name, getattr(spec, name))
-    config.eval_img_size = config.eval_img_size or (spec.eval_img_size if config.img_size == spec.img_size
-                                                    else None) or config.img_size
     return config
-
-
-def cpu_has_amx():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "amx_bf16" in f.read()
-    except OSError:
-        return False
-
-
-def pick_precision(name, device):
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_amx() else "fp32"  # measured: bf16 is ~6x slower than fp32 on AVX2-only CPUs
 
 
 def load_data(config, cluster):
     """Find, split and decode the images; every data problem surfaces here, before training."""
-    samples = find_labeled_images(config.data_dir)
-    train, val = stratified_split(samples, config.validation_split, config.seed)
-    if config.dry_run:
-        train, val = dry_run_subset(train, val, config.batch_size)
+    train, val = training_samples(config.data_dir, config.validation_split, config.seed, config.dry_run,
+                                  config.batch_size)
     print("%s: %d training images at %d px, %d validation images at %d px" % (
         config.data_dir, len(train), config.img_size, len(val), config.eval_img_size), file=sys.stderr)
     workers = config.num_workers
@@ -98,7 +80,11 @@ def check_files(config):
 
     Returns the state to resume from (None without --resume); raises CheckpointError.
     """
-    state = read_resume_state(resume_path(config.model_path)) if config.resume else None
+    state = None
+    if config.resume:
+        path = resume_path(config.model_path)
+        state = read_resume_state(path)
+        check_same_run(state, config, path)  # Trainer.resume checks it too; here it is found before decoding
     check_writable(config.model_path, "choose another --model_path")
     return state
 

@@ -1,7 +1,7 @@
 """Training throughput (images/s): a naive PyTorch input pipeline against the project's default path.
 
-    .venv/bin/python bench/train_throughput.py --data_dir data/train
-    .venv/bin/python bench/train_throughput.py --smoke          # seconds, on the test fixtures
+    .venv/bin/python -m bench.train_throughput --data_dir data/train
+    .venv/bin/python -m bench.train_throughput --smoke          # seconds, on the test fixtures
 
 For each model, at its default image size and batch size, in the same process:
 
@@ -21,14 +21,15 @@ projected to the whole data folder; "amortized" spreads it over the model's defa
 number of epochs: epochs x train images / (decode + epochs x epoch time).
 """
 import argparse
-import os
 import random
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__" and not __package__:
+    sys.exit("run it from the repository root as a module: python -m bench.train_throughput %s"
+             % " ".join(sys.argv[1:]))
 
-from bench.common import (FIXTURE_TRAIN, SHIPPED_MODELS, Stopwatch, default_out, describe_machine, fmt,  # noqa: E402
+from bench.common import (FIXTURE_TRAIN, SHIPPED_MODELS, Stopwatch, default_out, describe_machine, fmt,
                           machine_info, markdown_table, write_json)
 
 
@@ -113,8 +114,8 @@ def bench_model(conv_net, samples, args, total_images):
     from dataset import DecodedImages, decode_images
     from models import MODELS, build_model
     from models.transforms import train_augment
-    from train import TrainConfig, _prepare
-    from train_main import pick_precision
+    from hardware import pick_precision
+    from train import TrainConfig, prepare_batch
 
     defaults = TrainConfig()
     spec = MODELS[conv_net]
@@ -157,10 +158,8 @@ def bench_model(conv_net, samples, args, total_images):
     loader = DataLoader(DecodedImages(cached, labels, train_augment(img_size)), batch_size=batch_size,
                         shuffle=True, num_workers=defaults.num_workers, drop_last=True)
 
-    def prepare(batch):
-        return _prepare(batch, device)
-
-    images, seconds = timed_steps(model, loader, prepare, args.warmup, args.steps, precision)
+    images, seconds = timed_steps(model, loader, lambda batch: prepare_batch(batch, device), args.warmup, args.steps,
+                                  precision)
     result["project_img_s"] = images / seconds
     print("  %s project: %d images in %.2f s" % (conv_net, images, seconds), file=sys.stderr)
 

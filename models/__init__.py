@@ -16,6 +16,9 @@ from models.efficientnet_lite0.efficientnet_lite0 import EfficientNetLite0
 from models.vgg.vgg import VGG
 
 MODELS_DIR = os.path.dirname(os.path.abspath(__file__))
+# Real Kaggle photos committed with the project (train/: 12 cats and 12 dogs; test1/: 4 unlabeled):
+# what an ONNX export is checked on, what smoke runs and the tests classify.
+SAMPLE_IMAGES = os.path.join(os.path.dirname(MODELS_DIR), "tests", "fixtures", "images")
 
 with open(os.path.join(MODELS_DIR, "index_to_name.json")) as f:
     INDEX_TO_NAME = {int(k): v for k, v in json.load(f).items()}
@@ -28,6 +31,12 @@ class PretrainedWeightsError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """How to build one model, and its training recipe.
+
+    A field named like a flag of train_main.py (img_size, lr, ...) is that flag's default
+    for this model: parsers/train_parser.py finds them by name, so giving a flag a default
+    per model takes a field here and nothing else.
+    """
     cls: type
     model_file: str  # relative to the repository root; the archive's --model-file
     img_size: int  # default training / inference resolution
@@ -40,20 +49,28 @@ class ModelSpec:
     # Resolution for validation, prediction and serving. Random-resized-crop training
     # shows objects larger than a plain resize does, so testing a little above the
     # training size matches them better ("FixRes", Touvron et al. 2019).
+    # None: the same as img_size.
     eval_img_size: Optional[int] = None
     load_pretrained: Optional[Callable[[nn.Module, Optional[str]], None]] = None
+
+    def __post_init__(self):
+        if self.eval_img_size is None:  # every reader (training, --help) then sees a number
+            object.__setattr__(self, "eval_img_size", self.img_size)
+
+    def _weights_under(self, root):
+        """root/<name>/model_<name>.pth, <name> being the folder of the model's file (models/<name>/)."""
+        name = os.path.basename(os.path.dirname(self.model_file))
+        return os.path.join(root, name, "model_%s.pth" % name)
 
     @property
     def default_model_path(self):
         """The shipped weights: what predict, evaluate and the archive script use by default."""
-        name = os.path.basename(os.path.dirname(self.model_file))
-        return os.path.join("models", name, "model_%s.pth" % name)
+        return self._weights_under("models")
 
     @property
     def run_model_path(self):
         """Where training writes by default: runs/ is git-ignored, so no run replaces the shipped weights."""
-        name = os.path.basename(os.path.dirname(self.model_file))
-        return os.path.join("runs", name, "model_%s.pth" % name)
+        return self._weights_under("runs")
 
 
 def _load_backbone(model, state_dict, head_prefix):
@@ -118,6 +135,21 @@ def build_model(name, dropout=None, pretrained=False, pretrained_weights=None):
     if pretrained and spec.load_pretrained is not None:
         spec.load_pretrained(model, pretrained_weights)
     return model
+
+
+def save_untrained(directory, conv_net, img_size=None, seed=0):
+    """A randomly initialised `conv_net` saved as training saves a model (state_dict + meta JSON), as
+    DIRECTORY/model_CONV_NET.pth: for benchmarks and tests, whose speed and plumbing do not depend on
+    the weights. deployment/archive.sh and the docs never take one for a trained model."""
+    from models.checkpoint import save_model
+    img_size = img_size or MODELS[conv_net].img_size
+    torch.manual_seed(seed)
+    model = build_model(conv_net)
+    set_serving_size(model, img_size)
+    path = os.path.join(directory, "model_%s.pth" % conv_net)
+    save_model(model, {"conv_net": conv_net, "img_size": img_size, "classes": list(CLASSES),
+                       "dropout": MODELS[conv_net].dropout}, path)
+    return path
 
 
 def set_serving_size(model, img_size):

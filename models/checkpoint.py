@@ -35,7 +35,10 @@ def _umask():
     return mask
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
+    """Write a file that is either whole or not there: `write(f)` fills a temporary file in the same
+    folder (binary mode), which is fsync'd and then renamed over `path`. A kill at any moment leaves
+    the old file or the new one, never half of one. Every file the project writes goes through here."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
@@ -53,11 +56,15 @@ def _atomic_write(path, write):
 
 
 def atomic_torch_save(obj, path):
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(text, path):
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_write_bytes(data, path):
+    atomic_write(path, lambda f: f.write(data))
 
 
 def save_model(model, meta, model_path):

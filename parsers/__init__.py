@@ -4,6 +4,10 @@ import sys
 
 import torch
 
+# Where the README unpacks Kaggle's train.zip: training's default --data_dir, and where evaluation
+# looks for training's split when the folder a checkpoint recorded is not on this machine.
+DEFAULT_DATA_DIR = "data/train"
+
 
 def fail(message):
     """One line on stderr and exit code 2: bad input is the user's to fix, not a traceback."""

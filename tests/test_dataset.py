@@ -4,8 +4,8 @@ import os
 import pytest
 import torch
 
-from conftest import run_cli
-from dataset import DataError, decode_images, find_images, find_labeled_images, stratified_split
+from tests.support import run_cli
+from dataset import DataError, decode_images, find_images, find_labeled_images, stratified_split, training_samples
 from tests.serving_utils import eps_bytes
 
 
@@ -115,11 +115,13 @@ def test_train_main_skips_corrupt_file_and_names_it(tmp_path, flat_data):
     assert (tmp_path / "m.pth").exists()
 
 
-def test_dry_run_subset_holds_both_classes(flat_data):
-    from dataset import dry_run_subset
-    train, val = stratified_split(find_labeled_images(str(flat_data)), 0.25, seed=0)
-    small_train, small_val = dry_run_subset(train, val, batch_size=2)
-    assert len(small_train) == 8 and len(small_val) == 2
+def test_training_samples_are_the_seeded_split_and_a_dry_run_takes_a_few_of_both_classes(flat_data):
+    """The one definition of which images a run uses: training and evaluate_main.py --split val/train call it."""
+    train, val = training_samples(str(flat_data), 0.25, seed=0)
+    assert (train, val) == stratified_split(find_labeled_images(str(flat_data)), 0.25, seed=0)
+    small_train, small_val = training_samples(str(flat_data), 0.25, seed=0, dry_run=True, batch_size=3)
+    assert len(small_train) == 6 and len(small_val) == 3  # 2 training batches, 1 validation batch
     for part, whole in ((small_train, train), (small_val, val)):
         assert {label for _, label in part} == {0, 1}  # sorted files start with every cat
         assert set(part) <= set(whole)
+    assert training_samples(str(flat_data), 0.25, 0, True, 3) == (small_train, small_val)  # the same every time

@@ -12,13 +12,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import ROOT, TRAIN_IMAGES
+from tests.support import REPO_ROOT, TRAIN_DIR, assert_same_weights, wait_for_first_epoch
 from ddp_probe import digests
 from dataset import DecodedImages, decode_images, find_labeled_images, stratified_split
 from distributed import _ProblemsOnly
@@ -35,7 +34,7 @@ FILES = ["m.curve.png", "m.json", "m.metrics.jsonl", "m.pth", "m.resume.pt"]
 
 
 def train_flags(model_path, *extra):
-    return ["--data_dir", TRAIN_IMAGES, "--model_path", str(model_path), "--img_size", "32", "--batch_size", "4",
+    return ["--data_dir", TRAIN_DIR, "--model_path", str(model_path), "--img_size", "32", "--batch_size", "4",
             "--epochs", str(EPOCHS), "--num_workers", "0", "--validation_split", str(VALIDATION_SPLIT),
             "--seed", str(SEED), *extra]
 
@@ -45,7 +44,7 @@ def torchrun(*args, options=()):
 
 
 def run(cmd):
-    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
 
 
 def epochs_in(metrics_path):
@@ -57,7 +56,7 @@ def straight(tmp_path_factory):
     """An uninterrupted two-process run, through tests/ddp_probe.py: (its folder, the finished process)."""
     work = tmp_path_factory.mktemp("straight")
     (work / "digests").mkdir()
-    result = run(torchrun(os.path.join(ROOT, "tests", "ddp_probe.py"), work / "digests",
+    result = run(torchrun(os.path.join(REPO_ROOT, "tests", "ddp_probe.py"), work / "digests",
                           *train_flags(work / "run" / "m.pth")))
     assert result.returncode == 0, result.stderr[-4000:]
     return work, result
@@ -91,7 +90,7 @@ def test_reported_validation_figures_are_one_process_scoring_the_saved_model(str
     assert (best["epoch"], best["val_loss"], best["val_acc"]) == (meta["epoch"], meta["val_loss"], meta["val_acc"])
 
     # train.evaluate, as single-process training validates, on the whole split at once
-    _, val = stratified_split(find_labeled_images(TRAIN_IMAGES), VALIDATION_SPLIT, SEED)
+    _, val = stratified_split(find_labeled_images(TRAIN_DIR), VALIDATION_SPLIT, SEED)
     images, labels, _ = decode_images(val, meta["img_size"])
     model = build_model("base_cnn")
     model.load_state_dict(torch.load(model_path, weights_only=True))
@@ -128,12 +127,8 @@ def worker_pid(torchrun_pid, rank):
 
 def start_and_kill_rank_1(cmd, metrics, log, env=ENV):
     """Start torchrun, SIGKILL the rank-1 worker once rank 0 has finished an epoch; returns the torchrun process."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + TIMEOUT
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and metrics.read_text().count("\n") >= 1:
-            break
-        time.sleep(0.05)
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for_first_epoch(proc, metrics, TIMEOUT)
     pid = worker_pid(proc.pid, 1)
     assert pid is not None, "no rank-1 worker to kill (torchrun exited %s)" % proc.poll()
     os.kill(pid, signal.SIGKILL)
@@ -148,16 +143,6 @@ def wait_no_hang(proc, log_path, timeout=120):
         proc.wait()
         pytest.fail("torchrun still running %d s after a rank was killed:\n%s"
                     % (timeout, log_path.read_text()[-3000:]))
-
-
-def assert_same_weights(a_dir, b_dir):
-    for name in ("m.pth", "m.resume.pt"):
-        a = torch.load(a_dir / name, weights_only=True)
-        b = torch.load(b_dir / name, weights_only=True)
-        a, b = (a["model"], b["model"]) if name.endswith("resume.pt") else (a, b)
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), "%s differs in %s" % (key, name)
 
 
 def test_a_killed_rank_stops_torchrun_and_resume_finishes_the_run(straight, tmp_path):
@@ -200,7 +185,7 @@ def test_a_group_restarted_in_the_store_of_the_failed_one_stops_at_once_instead_
     env = dict(ENV, WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                MASTER_PORT="9", TORCHELASTIC_RESTART_COUNT="1", TORCHELASTIC_MAX_RESTARTS="1",
                TORCHELASTIC_USE_AGENT_STORE="True")
-    result = subprocess.run([sys.executable, "train_main.py", *train_flags(tmp_path / "m.pth")], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "train_main.py", *train_flags(tmp_path / "m.pth")], cwd=REPO_ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: torchrun restarted the processes")

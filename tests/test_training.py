@@ -1,14 +1,15 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
+from dataclasses import asdict
 
 import pytest
 import torch
 
-from conftest import ROOT, TRAIN_IMAGES, run_cli
+from tests.support import REPO_ROOT, TRAIN_DIR, assert_same_weights, run_cli, wait_for_first_epoch
 from dataset import DecodedImages, decode_images, find_labeled_images
 from models import MODELS, build_model, efficientnet_lite0_imagenet_state_dict, smallest_img_size
 from models.efficientnet_lite0.efficientnet_lite0 import EfficientNetLite0
@@ -24,7 +25,7 @@ from train import RESUME_KEYS, TrainConfig, Trainer, evaluate, is_improvement, m
 ])
 def test_each_model_trains_a_step_and_saves(tmp_path, conv_net, extra):
     model_path = tmp_path / "model.pth"
-    result = run_cli("train_main.py", "--conv_net", conv_net, "--data_dir", TRAIN_IMAGES, "--model_path", model_path,
+    result = run_cli("train_main.py", "--conv_net", conv_net, "--data_dir", TRAIN_DIR, "--model_path", model_path,
                      "--img_size", 32, "--batch_size", 4, "--epochs", 1, "--num_workers", 0, "--dry-run", *extra)
     assert result.returncode == 0, result.stderr
     assert "epoch   1" in result.stdout
@@ -38,7 +39,7 @@ def test_each_model_trains_a_step_and_saves(tmp_path, conv_net, extra):
 
 def test_loss_falls_when_overfitting_16_images():
     torch.manual_seed(0)
-    samples = find_labeled_images(TRAIN_IMAGES)
+    samples = find_labeled_images(TRAIN_DIR)
     samples = [s for s in samples if s[1] == 0][:8] + [s for s in samples if s[1] == 1][:8]
     images, labels, _ = decode_images(samples, 32)
     loader = torch.utils.data.DataLoader(DecodedImages(images, labels), batch_size=16, shuffle=True)
@@ -86,52 +87,42 @@ def test_best_model_is_saved_only_when_the_loss_decreases(tmp_path, validation):
 
 
 def _train_cmd(tmp_path, name, epochs, *extra):
-    return [sys.executable, os.path.join(ROOT, "train_main.py"), "--data_dir", TRAIN_IMAGES,
+    return [sys.executable, os.path.join(REPO_ROOT, "train_main.py"), "--data_dir", TRAIN_DIR,
             "--model_path", str(tmp_path / name / "m.pth"), "--img_size", "48", "--batch_size", "4",
             "--epochs", str(epochs), "--num_workers", "0", "--validation_split", "0.25", "--seed", "7", *extra]
 
 
 def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
     epochs = 4
-    straight = subprocess.run(_train_cmd(tmp_path, "straight", epochs), capture_output=True, text=True, cwd=ROOT)
+    straight = subprocess.run(_train_cmd(tmp_path, "straight", epochs), capture_output=True, text=True,
+                              cwd=REPO_ROOT)
     assert straight.returncode == 0, straight.stderr
 
     metrics = tmp_path / "killed" / "m.metrics.jsonl"
-    proc = subprocess.Popen(_train_cmd(tmp_path, "killed", epochs), cwd=ROOT,
+    proc = subprocess.Popen(_train_cmd(tmp_path, "killed", epochs), cwd=REPO_ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and metrics.read_text().count("\n") >= 1:
-            break
-        time.sleep(0.05)
+    wait_for_first_epoch(proc, metrics, 240)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = metrics.read_text().count("\n")
     assert 1 <= done, "the run was killed before finishing an epoch"
     resumed = subprocess.run(_train_cmd(tmp_path, "killed", epochs, "--resume"), capture_output=True, text=True,
-                             cwd=ROOT)
+                             cwd=REPO_ROOT)
     assert resumed.returncode == 0, resumed.stderr
-
-    for name in ("m.pth", "m.resume.pt"):
-        a = torch.load(tmp_path / "straight" / name, weights_only=True)
-        b = torch.load(tmp_path / "killed" / name, weights_only=True)
-        a, b = (a["model"], b["model"]) if name.endswith("resume.pt") else (a, b)
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), "%s differs in %s" % (key, name)
+    assert_same_weights(tmp_path / "straight", tmp_path / "killed")
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
 
 
 def test_resume_without_checkpoint_exits_2(tmp_path):
-    result = run_cli("train_main.py", "--data_dir", TRAIN_IMAGES, "--model_path", tmp_path / "m.pth", "--resume",
+    result = run_cli("train_main.py", "--data_dir", TRAIN_DIR, "--model_path", tmp_path / "m.pth", "--resume",
                      "--img_size", 32, "--dry-run", "--num_workers", 0)
     assert result.returncode == 2 and "no checkpoint" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_unwritable_model_path_exits_2_before_decoding():
     """Issue 17: a NotADirectoryError traceback after 5 s of decoding."""
-    result = run_cli("train_main.py", "--data_dir", TRAIN_IMAGES, "--model_path", "/dev/null/x/m.pth",
+    result = run_cli("train_main.py", "--data_dir", TRAIN_DIR, "--model_path", "/dev/null/x/m.pth",
                      "--img_size", 32, "--dry-run", "--num_workers", 0)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     # One line and nothing else: not even "N training images", printed before decoding starts.
@@ -160,12 +151,68 @@ def test_unusable_resume_checkpoint_exits_2_with_one_line_before_decoding(tmp_pa
     state = dict(model=model.state_dict(), optimizer={}, scheduler={}, epoch=1, best_loss=1.0, history=[])
     resume = tmp_path / "m.resume.pt"
     resume.write_bytes(make(state))
-    result = run_cli("train_main.py", "--data_dir", TRAIN_IMAGES, "--model_path", tmp_path / "m.pth", "--resume",
+    result = run_cli("train_main.py", "--data_dir", TRAIN_DIR, "--model_path", tmp_path / "m.pth", "--resume",
                      "--img_size", 32, "--dry-run", "--num_workers", 0)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     line, = result.stderr.strip().splitlines()
     assert line.startswith("error: ") and str(resume) in line and message in line
     assert line.endswith("run without --resume to start over (the new run replaces it)")
+
+
+DRY_RUN = ["--data_dir", TRAIN_DIR, "--img_size", 32, "--batch_size", 4, "--num_workers", 0, "--dry-run"]
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory):
+    """The folder of a finished one-epoch dry run of base_cnn, to --resume (tests that resume copy it)."""
+    folder = tmp_path_factory.mktemp("one_epoch")
+    result = run_cli("train_main.py", *DRY_RUN, "--model_path", folder / "m.pth", "--epochs", 1)
+    assert result.returncode == 0, result.stderr
+    return folder
+
+
+@pytest.mark.parametrize("change, said", [
+    (["--img_size", 48], "--img_size 32 (now 48)"),
+    (["--batch_size", 8], "--batch_size 4 (now 8)"),
+    (["--conv_net", "efficientnet_lite0"], "--conv_net base_cnn (now efficientnet_lite0)"),
+    (["--lr", 0.1], "--lr 0.002 (now 0.1)"),  # else silently the saved optimizer's
+    (["--seed", 1], "--seed 0 (now 1)"),  # another split and order
+])
+def test_resume_with_flags_other_than_the_run_was_started_with_exits_2_before_decoding(one_epoch_run, change, said):
+    """Issue 16: a changed --conv_net was a load_state_dict traceback, a changed --lr silently ignored."""
+    # the run's flags, then the change: argparse keeps the last value of a flag given twice
+    result = run_cli("train_main.py", *DRY_RUN, *change, "--model_path", one_epoch_run / "m.pth", "--epochs", 2,
+                     "--resume")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line, = result.stderr.strip().splitlines()  # one line: not even "N training images", printed before decoding
+    assert line.startswith("error: %s was started with " % (one_epoch_run / "m.resume.pt")) and said in line
+    assert "--epochs" not in line.split(";")[0]  # --epochs may change
+    assert line.endswith("(only --epochs, --num_workers, --device, --precision may change), or run without --resume "
+                         "to start over (the new run replaces it)")
+    assert json.loads((one_epoch_run / "m.json").read_text())["epoch"] == 1  # nothing written
+
+
+def test_resume_with_more_epochs_extends_the_run(one_epoch_run, tmp_path):
+    shutil.copytree(one_epoch_run, tmp_path / "run")
+    result = run_cli("train_main.py", *DRY_RUN, "--model_path", tmp_path / "run" / "m.pth", "--epochs", 2,
+                     "--num_workers", 1, "--resume")  # --num_workers only says how: it may change
+    assert result.returncode == 0, result.stderr
+    assert "resumed from %s at epoch 1" % (tmp_path / "run" / "m.resume.pt") in result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "run" / "m.metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+
+
+def test_trainer_resume_checks_the_saved_flags(tmp_path):
+    trainer = ScriptedTrainer(tmp_path, [1.0, 0.9])
+    state = dict(model=trainer.model.state_dict(), optimizer=trainer.optimizer.state_dict(),
+                 scheduler=trainer.scheduler.state_dict(), epoch=1, best_loss=1.0, history=[],
+                 args=dict(asdict(trainer.config), epochs=1, num_workers=7, dropout=0.3, betas=[0.8, 0.9]))
+    with pytest.raises(CheckpointError) as error:
+        trainer.resume(state)
+    assert "was started with --betas 0.8 0.9 (now 0.9 0.999), --dropout 0.3 (now None);" in str(error.value)
+    state["args"].update(dropout=None, betas=[0.9, 0.999])
+    trainer.resume(state)  # --epochs and --num_workers may change
+    assert trainer.start_epoch == 2
 
 
 def test_resume_state_of_another_network_is_a_checkpoint_error(tmp_path):
@@ -179,7 +226,7 @@ def test_resume_state_of_another_network_is_a_checkpoint_error(tmp_path):
 @pytest.mark.parametrize("flag", ["--img_size", "--eval_img_size"])
 def test_too_small_image_size_exits_2_before_decoding(tmp_path, flag):
     assert smallest_img_size("base_cnn") == 16  # four 2x2 max-poolings
-    result = run_cli("train_main.py", "--data_dir", TRAIN_IMAGES, "--model_path", tmp_path / "m.pth",
+    result = run_cli("train_main.py", "--data_dir", TRAIN_DIR, "--model_path", tmp_path / "m.pth",
                      "--img_size", 32, flag, 8, "--dry-run", "--num_workers", 0)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
@@ -193,8 +240,8 @@ def test_efficientnet_checkpoint_loads_exactly_and_classifies_a_cat_and_a_dog():
     assert not result.missing_keys and not result.unexpected_keys
     model.eval()
     transform = eval_transform(224)
-    files = sorted(os.listdir(TRAIN_IMAGES))
-    batch = torch.stack([transform(open_rgb(os.path.join(TRAIN_IMAGES, f))) for f in files])
+    files = sorted(os.listdir(TRAIN_DIR))
+    batch = torch.stack([transform(open_rgb(os.path.join(TRAIN_DIR, f))) for f in files])
     with torch.no_grad():
         top = dict(zip(files, model(batch).argmax(1).tolist()))
     assert 281 <= top["cat.10.jpg"] <= 285, top  # ImageNet cat classes
@@ -206,7 +253,7 @@ def test_efficientnet_checkpoint_loads_exactly_and_classifies_a_cat_and_a_dog():
 
 
 def test_vgg_without_weights_offline_is_one_clear_line(tmp_path):
-    result = run_cli("train_main.py", "--conv_net", "vgg", "--data_dir", TRAIN_IMAGES, "--model_path",
+    result = run_cli("train_main.py", "--conv_net", "vgg", "--data_dir", TRAIN_DIR, "--model_path",
                      tmp_path / "m.pth", "--img_size", 32, "--dry-run", "--num_workers", 0, timeout=120)
     if result.returncode == 0:
         pytest.skip("this machine can download torchvision's weights")
@@ -231,7 +278,7 @@ def test_model_file_defines_one_module_built_with_no_arguments(conv_net):
     """What torch-model-archiver's --model-file loader needs (exactly one nn.Module class)."""
     import importlib.util
     import inspect
-    path = os.path.join(ROOT, MODELS[conv_net].model_file)
+    path = os.path.join(REPO_ROOT, MODELS[conv_net].model_file)
     spec = importlib.util.spec_from_file_location("model_file_under_test", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -254,6 +301,21 @@ def test_unset_flags_take_the_registry_recipe_and_set_flags_win(conv_net):
     assert (config.optimizer, config.weight_decay, config.batch_size, config.lr) == ("sgd", 0.0, 7, 0.5)
 
 
+def test_per_model_flags_and_their_help_come_from_the_registry():
+    """Issue 16: each per-model default is a ModelSpec field, once; the flags and --help follow from it."""
+    from parsers.train_parser import build_parser
+    from train_main import PER_MODEL_DEFAULTS
+    assert set(PER_MODEL_DEFAULTS) == {"epochs", "batch_size", "lr", "weight_decay", "optimizer", "dropout",
+                                       "img_size", "eval_img_size"}
+    text = " ".join(build_parser().format_help().split())
+    assert "(default: None)" not in text
+    for flag in PER_MODEL_DEFAULTS:
+        values = ", ".join("%s %s" % (name, "%g" % getattr(spec, flag) if isinstance(getattr(spec, flag), float)
+                                      else getattr(spec, flag)) for name, spec in MODELS.items())
+        assert "(default per model: %s)" % values in text, flag
+    assert "base_cnn 72, vgg 224, efficientnet_lite0 224" in text  # --eval_img_size, vgg's being its --img_size
+
+
 def test_training_writes_under_runs_by_default_and_keeps_a_model_already_there(tmp_path):
     from parsers.train_parser import build_parser
     from train_main import resolve_defaults
@@ -263,7 +325,7 @@ def test_training_writes_under_runs_by_default_and_keeps_a_model_already_there(t
     model_path = tmp_path / "m.pth"
     model_path.write_bytes(b"the user's model")
     (tmp_path / "m.json").write_text('{"conv_net": "base_cnn"}')
-    result = run_cli("train_main.py", "--data_dir", TRAIN_IMAGES, "--model_path", model_path, "--img_size", 32,
+    result = run_cli("train_main.py", "--data_dir", TRAIN_DIR, "--model_path", model_path, "--img_size", 32,
                      "--batch_size", 4, "--epochs", 1, "--num_workers", 0, "--dry-run")
     assert result.returncode == 0, result.stderr
     kept = [p for p in os.listdir(tmp_path) if p.startswith("m.previous-")]

@@ -1,0 +1,41 @@
+"""What the tests share by import: the repository's paths, the fixture images, and running an
+entry point as a user would. (The pytest fixtures are in conftest.py, which pytest loads itself.)"""
+import os
+import subprocess
+import sys
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # the product's modules
+    sys.path.insert(0, REPO_ROOT)
+from models import SAMPLE_IMAGES as FIXTURES  # noqa: E402  (the sample photos: the product checks exports on them)
+TRAIN_DIR = os.path.join(FIXTURES, "train")  # 24 labeled images, Kaggle's flat layout: 12 cats, 12 dogs
+TEST1_DIR = os.path.join(FIXTURES, "test1")  # 4 unlabeled images, Kaggle's test1/ naming
+
+
+def run_cli(script, *args, timeout=300):
+    """Run one of the project's entry points as a user would; returns CompletedProcess."""
+    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, script), *map(str, args)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for_first_epoch(proc, metrics, timeout):
+    """Wait until the training run `proc` has written its first epoch's line to `metrics` (then it has a
+    --resume checkpoint), or has exited, or `timeout` seconds have passed."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 1:
+            return
+        time.sleep(0.05)
+
+
+def assert_same_weights(a_dir, b_dir):
+    """Two runs' folders hold exactly the same weights: the model (m.pth) and the --resume checkpoint's."""
+    import torch
+    for name in ("m.pth", "m.resume.pt"):
+        a = torch.load(a_dir / name, weights_only=True)
+        b = torch.load(b_dir / name, weights_only=True)
+        a, b = (a["model"], b["model"]) if name.endswith("resume.pt") else (a, b)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), "%s differs in %s" % (key, name)
