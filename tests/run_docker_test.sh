@@ -6,6 +6,7 @@
 #   tests/run_docker_test.sh             # keeps the images it built (next run is faster)
 #   tests/run_docker_test.sh --rmi       # also removes the project image it built
 #   tests/run_docker_test.sh --rmi-all   # ... and the stand-in base image and Debian rootfs image
+#   tests/run_docker_test.sh --fresh-machine  # also tests/test_fresh_machine.py (slow: a whole new .venv)
 #   tests/run_docker_test.sh -- -k compose    # anything after -- goes to pytest
 #
 # Environment: see the docstring of tests/test_docker.py (DOCKER_TEST_BASE_IMAGE,
@@ -14,12 +15,14 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
+FILES=(tests/test_docker.py)
 while [ $# -gt 0 ]; do
     case "$1" in
         --rmi) export DOCKER_TEST_RMI=1; shift ;;
         --rmi-all) export DOCKER_TEST_RMI=all; shift ;;
+        --fresh-machine) FILES+=(tests/test_fresh_machine.py); shift ;;
         --) shift; break ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
         *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -30,7 +33,7 @@ fi
 export RUN_DOCKER_TESTS=1
 START=$(date +%s)
 set +e
-"$PYTHON" -m pytest tests/test_docker.py -v -s -p no:cacheprovider "$@"
+"$PYTHON" -m pytest "${FILES[@]}" -v -s -p no:cacheprovider "$@"
 status=$?
 set -e
 echo "docker test: exit $status after $(( $(date +%s) - START ))s"

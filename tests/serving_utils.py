@@ -1,56 +1,39 @@
 """Helpers for the serving tests: checkpoints, archives, test images and a real TorchServe.
 
-`TorchServe` starts the server the way the README does (`torchserve --start --ncs
---ts-config ... --model-store ... --models ...`) but with a generated config in a
-temporary directory: free 127.0.0.1 ports, its own temp dir (TorchServe keeps its
-pid file and worker sockets there), its own logs, token authorization off. Every
-other setting comes from deployment/config.properties, so the tests exercise the
-shipped limits. It is a context manager: the server and its workers are stopped
-even when a test fails.
+`TorchServe` is serving.TorchServe (the product's runner, which `make serve` uses): the
+server started the way the README does (`torchserve --start --ncs --ts-config ...
+--model-store ... --models ...`) with a config generated from deployment/config.properties
+in a temporary directory: free 127.0.0.1 ports, its own temp dir (TorchServe keeps its pid
+file and worker sockets there), its own logs. Every other setting comes from the shipped
+config, so the tests exercise the shipped limits. It is a context manager: the server and
+its workers are stopped, by PID, even when a test fails.
 """
 import io
 import json
 import os
-import socket
 import struct
 import subprocess
 import sys
-import time
 import zlib
 
 import requests
 from PIL import Image
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHIPPED_CONFIG = os.path.join(REPO_ROOT, "deployment", "config.properties")
-ARCHIVE_SH = os.path.join(REPO_ROOT, "deployment", "archive.sh")
-VENV_BIN = os.path.dirname(sys.executable)  # run by the venv's Python: its torchserve and worker Python
-FIXTURES = os.path.join(REPO_ROOT, "tests", "fixtures", "images")
-TEST1_DIR = os.path.join(FIXTURES, "test1")
-TRAIN_DIR = os.path.join(FIXTURES, "train")
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+import serving  # noqa: E402  (the repository root, where the product modules live)
+from serving import (ARCHIVE_SH, SHIPPED_CONFIG, VENV_BIN, TorchServeError, free_port,  # noqa: E402,F401
+                     read_properties as _read_properties)
+from tests.support import FIXTURES, TEST1_DIR, TRAIN_DIR  # noqa: E402,F401 (re-exported to the serving tests)
 
 
 # ---- checkpoints and archives ---------------------------------------------------------------
 
 def make_checkpoint(directory, conv_net, img_size, seed=0):
     """A randomly initialised `conv_net` saved like training saves it (state_dict + meta JSON)."""
-    import torch
-    from models import CLASSES, MODELS, build_model, set_serving_size
-    from models.checkpoint import save_model
-
-    torch.manual_seed(seed)
-    model = build_model(conv_net)
-    set_serving_size(model, img_size)
-    path = os.path.join(directory, "model_%s.pth" % conv_net)
-    save_model(model, {"conv_net": conv_net, "img_size": img_size, "classes": list(CLASSES),
-                       "dropout": MODELS[conv_net].dropout}, path)
-    return path
+    from models import save_untrained
+    return save_untrained(directory, conv_net, img_size, seed)
 
 
 def write_model_config(path, batch_size=4, max_batch_delay=100, workers=1, response_timeout=60,
@@ -125,200 +108,18 @@ def eps_bytes():
 
 
 # ---- the server ------------------------------------------------------------------------------
+# The runner is product code (serving.py: `make serve` uses it too); these names stay importable
+# from here for the tests and bench/ that import them.
 
-def _read_properties(path):
-    lines = []
-    with open(path) as f:
-        for line in f:
-            stripped = line.strip()
-            if stripped and not stripped.startswith("#") and "=" in stripped:
-                key, value = stripped.split("=", 1)
-                lines.append((key.strip(), value.strip()))
-    return lines
+class TorchServe(serving.TorchServe):
+    __doc__ = serving.TorchServe.__doc__
 
-
-class TorchServeError(RuntimeError):
-    pass
-
-
-class TorchServe(object):
-    """One TorchServe on free loopback ports, in its own directory.
-
-    models: {name: archive file name in model_store}; start() returns once every model (or
-    those in wait_for) has its minWorkers READY. overrides: config.properties keys to set.
-    """
-
-    def __init__(self, workdir, model_store, models, overrides=None, start_timeout=600, wait_for=None):
-        self.workdir = workdir
-        self.model_store = model_store
-        self.models = dict(models)
-        self.wait_for = list(self.models if wait_for is None else wait_for)
-        self.overrides = dict(overrides or {})
-        self.start_timeout = start_timeout
-        self.process = None
-        self.inference_port = self.management_port = self.metrics_port = None
-        self.tmp = os.path.join(workdir, "tmp")
-        self.logs = os.path.join(workdir, "logs")
-        self.config_path = os.path.join(workdir, "config.properties")
-        self.out_path = os.path.join(workdir, "torchserve.out")
-        self._known = {}  # pid -> psutil.Process: identity-checked, so a reused pid is never killed
-
-    # -- lifecycle --
-
-    def _write_config(self):
-        self.inference_port, self.management_port, self.metrics_port = free_port(), free_port(), free_port()
-        settings = dict(_read_properties(SHIPPED_CONFIG))
-        settings.update({
-            "inference_address": "http://127.0.0.1:%d" % self.inference_port,
-            "management_address": "http://127.0.0.1:%d" % self.management_port,
-            "metrics_address": "http://127.0.0.1:%d" % self.metrics_port,
-            "grpc_inference_address": "127.0.0.1",
-            "grpc_management_address": "127.0.0.1",
-            "grpc_inference_port": str(free_port()),
-            "grpc_management_port": str(free_port()),
-            "initial_worker_port": str(free_port()),
-            "model_store": self.model_store,
-            "disable_token_authorization": "true",
-            "enable_model_api": "false",
-            "enable_envvars_config": "false",  # nothing in the test environment changes it
-        })
-        settings.update(self.overrides)
-        with open(self.config_path, "w") as f:
-            for key, value in settings.items():
-                f.write("%s=%s\n" % (key, value))
-
-    def _env(self):
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("TS_") and k not in ("PYTHONPATH", "TS_CONFIG_FILE")}
-        env.update({
-            "PATH": VENV_BIN + os.pathsep + env.get("PATH", ""),
-            "TEMP": self.tmp,  # java.io.tmpdir: worker sockets
-            "TMPDIR": self.tmp,  # the launcher's pid file
-            "LOG_LOCATION": self.logs,
-            "METRICS_LOCATION": self.logs,
-        })
-        return env
-
-    def _torchserve(self, *args):
-        return [os.path.join(VENV_BIN, "torchserve")] + list(args)
-
-    def start(self):
-        os.makedirs(self.tmp, exist_ok=True)
-        os.makedirs(self.logs, exist_ok=True)
-        self._write_config()
-        specs = ["%s=%s" % (name, mar) for name, mar in self.models.items()]
-        cmd = self._torchserve("--start", "--ncs", "--foreground", "--ts-config", self.config_path,
-                               "--model-store", self.model_store, "--models", *specs)
-        with open(self.out_path, "ab") as out:
-            self.process = subprocess.Popen(cmd, cwd=self.workdir, env=self._env(), stdout=out,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + self.start_timeout
-            for name in self.wait_for:
-                self.wait_ready(name, deadline=deadline)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self, timeout=60):
-        """`torchserve --stop`, then make sure the frontend and every worker it started are gone."""
-        if self.process is None:
-            return
-        self._process_tree()
-        try:
-            subprocess.run(self._torchserve("--stop"), cwd=self.workdir, env=self._env(),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        import psutil
-        gone, alive = psutil.wait_procs(list(self._known.values()), timeout=20)
-        for proc in alive:  # still running after the frontend stopped: ours, so end it
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=10)
-        self.process = None
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-
-    def _process_tree(self):
-        """Remember the launcher, the Java frontend and the workers: the processes this server started."""
-        import psutil
-        if self.process is not None:
-            try:
-                root = psutil.Process(self.process.pid)
-                for proc in [root] + root.children(recursive=True):
-                    self._known.setdefault(proc.pid, proc)
-            except psutil.Error:
-                pass
-        return set(self._known)
-
-    # -- URLs and management --
-
-    def url(self, path):
-        return "http://127.0.0.1:%d/%s" % (self.inference_port, path.lstrip("/"))
-
-    def management_url(self, path):
-        return "http://127.0.0.1:%d/%s" % (self.management_port, path.lstrip("/"))
-
-    def predict_url(self, model):
-        return self.url("predictions/" + model)
-
-    def describe(self, model):
-        r = requests.get(self.management_url("models/" + model), timeout=10)
-        r.raise_for_status()
-        return r.json()[0]
-
-    def workers(self, model):
-        return self.describe(model).get("workers", [])
-
-    def ready_pids(self, model):
-        return [w["pid"] for w in self.workers(model) if w.get("status") == "READY"]
-
-    def wait_ready(self, model, exclude_pids=(), deadline=None, timeout=300):
-        """Wait until `model` has minWorkers READY workers (none of them in exclude_pids)."""
-        deadline = deadline or time.monotonic() + timeout
-        while True:
-            if self.process is not None and self.process.poll() is not None:
-                raise TorchServeError("torchserve exited (%s):\n%s" % (self.process.returncode, self.log_tail()))
-            try:
-                info = self.describe(model)
-                ready = [w["pid"] for w in info.get("workers", [])
-                         if w.get("status") == "READY" and w.get("pid") not in exclude_pids]
-                if ready and len(ready) >= info.get("minWorkers", 1):
-                    self._process_tree()
-                    return ready
-            except (requests.RequestException, ValueError, IndexError):
-                pass
-            if time.monotonic() > deadline:
-                raise TorchServeError("%s not ready in time:\n%s" % (model, self.log_tail()))
-            time.sleep(0.5)
-
-    def log_tail(self, lines=60):
-        chunks = []
-        for path in (self.out_path, os.path.join(self.logs, "model_log.log")):
-            if os.path.exists(path):
-                with open(path, errors="replace") as f:
-                    chunks.append("==> %s\n%s" % (path, "".join(f.readlines()[-lines:])))
-        return "\n".join(chunks)
-
-    def model_log(self):
-        path = os.path.join(self.logs, "model_log.log")
-        if not os.path.exists(path):
-            return ""
-        with open(path, errors="replace") as f:
-            return f.read()
+    def __init__(self, *args, **kwargs):
+        # The callers written before the management API moved to a Unix socket (test_serving,
+        # test_original_readme, bench/) reach it with requests over HTTP: give them a free
+        # loopback port. The shipped setting, the socket, is tested in tests/test_operator.py.
+        kwargs.setdefault("management", "http")
+        super().__init__(*args, **kwargs)
 
 
 def post(url, data, timeout=120, session=None):

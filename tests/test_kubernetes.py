@@ -11,7 +11,6 @@ import http.server
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ import requests
 import yaml
 from kubernetes_validate.utils import all_versions
 
-from conftest import ROOT
+from tests.support import REPO_ROOT as ROOT, TEST1_DIR
 
 K8S = os.path.join(ROOT, "deployment", "kubernetes")
 DEPLOYMENT_DIR = os.path.join(ROOT, "deployment")
@@ -123,13 +122,14 @@ def test_kustomization_lists_every_manifest_and_names_the_project_image():
 def test_ports_match_the_image_and_only_inference_and_metrics_leave_the_pod():
     settings = container_settings()
     ports = {p["name"]: p["containerPort"] for p in container()["ports"]}
-    assert ports == {name: port_of(settings["%s_address" % name]) for name in ("inference", "management", "metrics")}
+    assert ports == {name: port_of(settings["%s_address" % name]) for name in ("inference", "metrics")}
     exposed = {int(p) for p in re.findall(r"(?m)^EXPOSE (.*)$", dockerfile())[0].split()}
     assert set(ports.values()) <= exposed
-    # Reachable from other pods: what listens on 0.0.0.0. The management API stays on the pod's loopback.
+    # Reachable from other pods: what listens on 0.0.0.0. The management API is on a Unix socket
+    # inside the container: no port at all.
     assert settings["inference_address"].startswith("http://0.0.0.0:")
     assert settings["metrics_address"].startswith("http://0.0.0.0:")
-    assert settings["management_address"] == "http://127.0.0.1:%d" % ports["management"]
+    assert settings["management_address"].startswith("unix:/")
     service = manifests()["Service"]["spec"]
     assert {p["targetPort"] for p in service["ports"]} == {"inference", "metrics"}
     assert {p["name"]: p["port"] for p in service["ports"]} == {"inference": ports["inference"],
@@ -153,6 +153,7 @@ def test_probes_mean_alive_and_every_model_ready():
     assert command[:2] == ["python", "-c"]  # the image's Python, as its HEALTHCHECK uses
     assert "CMD python -c" in dockerfile()
     assert "/models/" in command[2] and "READY" in command[2] and "TS_MANAGEMENT_ADDRESS" in command[2]
+    assert "management_address=" in command[2] and "AF_UNIX" in command[2]  # the image's socket by default
     # the archives the image is built with (COPY model-store/*.mar, LOAD_MODELS=all)
     assert "ARG LOAD_MODELS=all" in dockerfile() and "COPY --chown=model-server model-store/*.mar" in dockerfile()
     if shipped_models():
@@ -172,7 +173,7 @@ def test_non_root_user_of_the_image_and_resources_for_its_workers():
     for model in shipped_models() or ["base_cnn", "efficientnet_lite0"]:
         with open(os.path.join(DEPLOYMENT_DIR, "model-config", model + ".yaml")) as f:
             config = yaml.safe_load(f)
-        assert config["maxWorkers"] * config["handler"]["torch_threads"] <= cpus, model
+        assert config["maxWorkers"] * config["handler"]["threads"] <= cpus, model
 
 
 def test_autoscaler_disruption_budget_and_service_select_the_deployment():
@@ -253,19 +254,21 @@ def test_readiness_command_fails_without_a_server_or_a_model_to_check(stub):
     assert run_readiness(address, ["base_cnn"]).returncode != 0
 
 
-@pytest.mark.skipif(shutil.which("java") is None or not shipped_models(),
-                    reason="needs Java and the archives of deployment/model-store")
+@pytest.mark.skipif(not shipped_models(), reason="needs the archives of deployment/model-store")
 def test_probes_against_a_real_torchserve_serving_the_shipped_archives(tmp_path):
-    """The readiness command, /ping and the Prometheus endpoint, with the settings the pod gets."""
-    from tests.serving_utils import TorchServe
+    """The readiness command (over the management socket, as in the pod), /ping and the Prometheus
+    endpoint, with the settings the pod gets."""
+    import serving
     settings = container_settings()
     models = shipped_models()
-    with TorchServe(str(tmp_path), STORE, {m: m + ".mar" for m in models},
-                    overrides={"metrics_mode": settings["metrics_mode"]}) as server:
-        result = run_readiness("http://127.0.0.1:%d" % server.management_port)
+    with serving.TorchServe(str(tmp_path), STORE, {m: m + ".mar" for m in models},
+                            overrides={"metrics_mode": settings["metrics_mode"]}) as server:
+        assert server.management_address.startswith("unix:/")
+        result = run_readiness(server.management_address)
         assert result.returncode == 0, result.stderr
+        assert run_readiness(server.management_address, ["base_cnn", "nosuch"]).returncode != 0
         assert requests.get(server.url("/ping"), timeout=10).status_code == 200
-        with open(os.path.join(ROOT, "tests", "fixtures", "images", "test1", "1.jpg"), "rb") as f:
+        with open(os.path.join(TEST1_DIR, "1.jpg"), "rb") as f:
             image = f.read()
         for model in models:  # a request each, so that there are inference metrics
             assert requests.post(server.predict_url(model), data=image, timeout=60).status_code == 200
