@@ -5,18 +5,20 @@
 
 Prints accuracy, log loss (probabilities clipped to [1e-15, 1 - 1e-15], as Kaggle
 scores it), the confusion matrix, per-class precision and recall and the images
-the model got most confidently wrong. Inference is predict_main's: the same
-decoding, preprocessing and batching as the submission CSV.
+the model got most confidently wrong. Inference is models.inference's, as in predict_main.py:
+the same decoding, preprocessing, engine and batching as the submission CSV.
 """
 import json
 import math
 import os
+import sys
 
-from dataset import DataError, dry_run_subset, find_labeled_images, stratified_split
-from models import CLASSES
-from models.checkpoint import atomic_write_text
+from dataset import DataError, find_labeled_images, training_samples
+from models import CLASSES, MODELS
+from models.checkpoint import CheckpointError, atomic_write_text, read_meta
 from parsers.evaluate_parser import build_parser
-from predict_main import fail, load_predictor
+from parsers import DEFAULT_DATA_DIR, fail
+from parsers.predict_parser import open_predictor
 
 LOG_LOSS_EPS = 1e-15
 
@@ -65,22 +67,35 @@ def compute_metrics(labels, p_dog, predicted=None, classes=CLASSES, paths=None, 
 
 # ---- which images ---------------------------------------------------------------------------
 
+
 def training_split(meta, split, data_dir=None):
     """Re-create the (train, val) split of train_main.py from the arguments it stored in the meta JSON.
 
     Returns (data_dir, samples of `split`). Same folder, same validation_split and seed
-    -> the very same images (a dry run's few images included: dataset.dry_run_subset).
+    -> the very same images (a dry run's few images included): dataset.training_samples, as training.
     """
     args = meta.get("args") or {}
     if "validation_split" not in args or "seed" not in args:
         raise DataError("the checkpoint's JSON does not record training's split (args.validation_split, "
                         "args.seed); evaluate a labeled folder with --data_dir and --split all")
-    data_dir = data_dir or args.get("data_dir")
     if not data_dir:
-        raise DataError("the checkpoint's JSON does not record training's --data_dir; pass --data_dir")
-    train, val = stratified_split(find_labeled_images(data_dir), args["validation_split"], args["seed"])
-    if args.get("dry_run"):
-        train, val = dry_run_subset(train, val, int(args.get("batch_size") or 32))
+        # The folder training recorded is where *that* machine kept the images (the shipped models
+        # say ../shared/...); on another machine the README puts them in data/train, train_main.py's
+        # default. Training's own folder wins where it exists, so a model trained here is scored on
+        # exactly its split.
+        recorded = args.get("data_dir")
+        candidates = [d for d in (recorded, DEFAULT_DATA_DIR) if d]
+        data_dir = next((d for d in candidates if os.path.isdir(d)), None)
+        if data_dir is None:
+            raise DataError("training's data folder %s is not here, nor is %s: pass --data_dir"
+                            % (recorded or "(not recorded)", DEFAULT_DATA_DIR))
+        if data_dir != recorded:
+            # The split is re-created from the file names: the same images only if this folder holds the
+            # same files as training's did (the shipped models: the 12,000-image subset, not Kaggle's 25,000).
+            print("warning: training's folder %s is not here; re-creating its split from %s (the same images only "
+                  "if it holds the same files)" % (recorded, data_dir), file=sys.stderr)
+    train, val = training_samples(data_dir, args["validation_split"], args["seed"], args.get("dry_run"),
+                                  args.get("batch_size"))
     chosen = val if split == "val" else train
     if not chosen:
         raise DataError("training held out no validation images (--validation_split %g)" % args["validation_split"])
@@ -98,7 +113,7 @@ def select_samples(args, meta):
 
 # ---- running, printing, writing -------------------------------------------------------------------
 
-def evaluate(predictor, samples, batch_size=32, num_workers=0, worst=12, desc="evaluating"):
+def score_samples(predictor, samples, batch_size=32, num_workers=0, worst=12, desc="evaluating"):
     """Predict every (path, label) and score it; undecodable files are named on stderr and skipped."""
     results = predictor.predict_files([path for path, _ in samples], batch_size, num_workers, desc)
     kept = [(path, label, probs) for (path, label), (_, probs) in zip(samples, results) if probs is not None]
@@ -214,15 +229,20 @@ def draw_report(report, path):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.split == "all" and not args.data_dir:
-        fail("--data_dir is required with --split all (or use --split val to score the images training held out)")
     if args.data_dir and not os.path.isdir(args.data_dir):
         fail("data folder not found: %s" % args.data_dir)
-    predictor = load_predictor(args)
+    model_path = args.model_path or MODELS[args.conv_net].default_model_path
     try:
-        data_dir, samples = select_samples(args, predictor.meta)
-        metrics = evaluate(predictor, samples, args.batch_size, args.num_workers, args.worst,
-                           desc="evaluating %s" % data_dir)
+        # Which images, before the model loads (and perhaps exports): a wrong folder fails at once.
+        data_dir, samples = select_samples(args, read_meta(model_path) if os.path.isfile(model_path) else {})
+    except (DataError, CheckpointError) as exc:
+        if not os.path.isfile(model_path):
+            open_predictor(args)  # says what is wrong with the checkpoint, which comes first
+        fail(str(exc))
+    predictor = open_predictor(args)
+    try:
+        metrics = score_samples(predictor, samples, args.batch_size, args.num_workers, args.worst,
+                                desc="evaluating %s" % data_dir)
     except DataError as exc:
         fail(str(exc))
     report = dict(conv_net=predictor.conv_net, model_path=predictor.model_path, img_size=predictor.img_size,

@@ -5,102 +5,20 @@ One image, shown with its label (or saved as a figure where there is no display)
 A folder, as a Kaggle submission (id = file stem, label = probability of dog):
     python predict_main.py --conv_net base_cnn --img_dir data/test1 --csv submission.csv
 
-The image size, classes and dropout come from the JSON training wrote beside the
-weights; decoding and preprocessing are models.transforms, exactly as in training
-and serving.
+The image size, classes and dropout come from the checkpoint; decoding, preprocessing and
+the engine (ONNX Runtime by default, --backend torch for PyTorch) are models.inference's,
+exactly as in serving.
 """
 import csv
 import io
 import os
 import sys
 
-import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
-
-from dataset import DataError, find_images, read_error
-from models import CLASSES, MODELS, load_trained
-from models.checkpoint import CheckpointError, atomic_write_text, read_meta
-from models.transforms import ImageDecodeError, eval_transform, open_rgb
-from parsers import fail, pick_device
-from parsers.predict_parser import build_parser
-
-
-def decode(path, img_size):
-    """(model input tensor, None), or (None, why) for a file that is not an image we can read."""
-    try:
-        return eval_transform(img_size)(open_rgb(path, img_size)), None
-    except ImageDecodeError as exc:
-        return None, str(exc)
-    except OSError as exc:  # unreadable file (permissions, a broken symbolic link, ...)
-        return None, read_error(path, exc)
-
-
-class _ImageFiles(Dataset):
-    """Decodes in DataLoader workers, so JPEG decoding overlaps the forward pass."""
-
-    def __init__(self, paths, img_size):
-        self.paths, self.img_size = paths, img_size
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        tensor, error = decode(self.paths[i], self.img_size)
-        return i, tensor, error
-
-
-def _as_list(items):
-    return items
-
-
-class Predictor:
-    """A trained model in eval mode, channels_last, plus what its checkpoint says about it."""
-
-    def __init__(self, conv_net, model_path, device="cpu"):
-        if not os.path.isfile(model_path):
-            raise CheckpointError("no checkpoint at %s (train one with train_main.py --conv_net %s, "
-                                  "or pass --model_path)" % (model_path, conv_net))
-        model, self.img_size = load_trained(conv_net, model_path)
-        self.meta = read_meta(model_path)
-        self.classes = tuple(self.meta.get("classes") or CLASSES)
-        if "dog" not in self.classes:
-            raise CheckpointError("%s: its classes %s have no 'dog'" % (model_path, list(self.classes)))
-        self.dog_index = self.classes.index("dog")
-        self.conv_net, self.model_path, self.device = conv_net, model_path, torch.device(device)
-        # NHWC: about twice as fast for convolutions on CPU, and the same numbers.
-        self.model = model.to(self.device).to(memory_format=torch.channels_last)
-        self.transform = eval_transform(self.img_size)
-
-    @torch.no_grad()
-    def probabilities(self, batch):
-        """Normalized N x 3 x S x S batch -> N x classes softmax probabilities (float32, CPU)."""
-        x = batch.to(self.device).contiguous(memory_format=torch.channels_last)
-        return F.softmax(self.model(x).float(), dim=1).cpu()
-
-    def predict_files(self, paths, batch_size=32, num_workers=0, desc="predicting"):
-        """[(path, probabilities as a list, or None)] in the order of `paths`.
-
-        Files that cannot be decoded are named on stderr and get None; they never stop the run.
-        """
-        batches = -(-len(paths) // batch_size)
-        workers = min(num_workers, batches) if batches > 1 else 0  # one batch: nothing to overlap
-        loader = DataLoader(_ImageFiles(paths, self.img_size), batch_size=batch_size, shuffle=False,
-                            num_workers=workers, collate_fn=_as_list)
-        results = [None] * len(paths)
-        with tqdm(total=len(paths), desc=desc, unit="img", leave=False, mininterval=1.0, file=sys.stderr) as bar:
-            for items in loader:
-                good = [(i, tensor) for i, tensor, _ in items if tensor is not None]
-                for i, _, error in items:
-                    if error is not None:
-                        tqdm.write("warning: skipping %s: %s" % (paths[i], error), file=sys.stderr)
-                if good:
-                    probs = self.probabilities(torch.stack([tensor for _, tensor in good])).tolist()
-                    for (i, _), p in zip(good, probs):
-                        results[i] = p
-                bar.update(len(items))
-        return list(zip(paths, results))
+from dataset import DataError, find_images
+from models.checkpoint import atomic_write_text
+from models.transforms import ImageDecodeError, open_rgb
+from parsers import fail
+from parsers.predict_parser import build_parser, open_predictor
 
 
 # ---- one image ------------------------------------------------------------------------------
@@ -157,8 +75,6 @@ def show_prediction(img, title, img_path, save=None):
 
 
 def predict_image(predictor, img_path, save=None):
-    if not os.path.isfile(img_path):
-        fail("image not found: %s" % img_path)
     try:
         img = open_rgb(img_path, predictor.img_size)
     except (ImageDecodeError, OSError) as exc:
@@ -223,16 +139,6 @@ def predict_folder(predictor, img_dir, csv_path, batch_size=32, num_workers=0):
     return rows
 
 
-def load_predictor(args):
-    """The checkpoint named by --conv_net/--model_path, or exit 2 with one line saying what is wrong."""
-    args.model_path = args.model_path or MODELS[args.conv_net].default_model_path
-    device = pick_device(args.device)
-    try:
-        return Predictor(args.conv_net, args.model_path, device)
-    except CheckpointError as exc:
-        fail(str(exc))
-
-
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -247,7 +153,7 @@ def main(argv=None):
         parser.error("--csv goes with --img_dir")
     elif not os.path.isfile(args.img_path):
         fail("image not found: %s" % args.img_path)
-    predictor = load_predictor(args)
+    predictor = open_predictor(args)
     if args.img_dir is not None:
         predict_folder(predictor, args.img_dir, args.csv, args.batch_size, args.num_workers)
     else:

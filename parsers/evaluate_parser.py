@@ -1,6 +1,6 @@
 """Command-line flags of evaluate_main.py."""
 
-from parsers import DefaultsHelpFormatter, OneLineErrorParser, non_negative_int
+from parsers import DEFAULT_DATA_DIR, DefaultsHelpFormatter, OneLineErrorParser, non_negative_int
 from parsers.predict_parser import add_model_arguments
 
 
@@ -12,7 +12,8 @@ def build_parser():
     add_model_arguments(p)
     p.add_argument("--data_dir", default=None,
                    help="labeled images: flat Kaggle layout (cat.N.jpg, dog.N.jpg) or cat/ and dog/ sub-folders "
-                        "(with --split val/train: default the folder training used, from the checkpoint's JSON)")
+                        "(with --split val/train: default the folder training used, from the checkpoint's JSON, "
+                        "where it exists here, else %s)" % DEFAULT_DATA_DIR)
     p.add_argument("--split", choices=["all", "val", "train"], default="all",
                    help="all: every image of --data_dir; val / train: re-create the split training made "
                         "(its --validation_split and --seed, read from the checkpoint's JSON) and score that part")

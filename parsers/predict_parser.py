@@ -1,7 +1,7 @@
 """Command-line flags of predict_main.py (and the options evaluate_main.py shares with it)."""
 
 from models import MODELS
-from parsers import DefaultsHelpFormatter, OneLineErrorParser, non_negative_int, positive_int
+from parsers import DefaultsHelpFormatter, OneLineErrorParser, fail, non_negative_int, pick_device, positive_int
 
 
 def add_model_arguments(p):
@@ -12,8 +12,28 @@ def add_model_arguments(p):
                         "beside them (default: models/<conv_net>/model_<conv_net>.pth)")
     p.add_argument("--batch_size", type=positive_int, default=32, help="images per forward pass")
     p.add_argument("--num_workers", type=non_negative_int, default=2,
-                   help="processes that decode images while the model runs (0: decode in this process)")
+                   help="threads that decode the next batch while the model runs")
+    p.add_argument("--backend", choices=["onnx", "torch"], default=None,
+                   help="inference engine: onnx (ONNX Runtime on the checkpoint's ONNX export, exported and "
+                        "checked on first use; several times faster on a CPU) or torch (PyTorch eager, needed "
+                        "for CUDA) (default: onnx where onnxruntime is installed and the device is the CPU)")
+    p.add_argument("--threads", type=non_negative_int, default=0,
+                   help="intra-op threads of the engine (0: its default, one per core)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when available")
+
+
+def open_predictor(args):
+    """The Predictor the shared flags describe, or exit 2 with one line saying what is wrong."""
+    from models.checkpoint import CheckpointError
+    from models.inference import Predictor, default_backend
+
+    args.model_path = args.model_path or MODELS[args.conv_net].default_model_path
+    device = pick_device(args.device)
+    backend = args.backend or ("torch" if device.type != "cpu" else default_backend())
+    try:
+        return Predictor(args.conv_net, args.model_path, backend, args.threads, device)
+    except CheckpointError as exc:
+        fail(str(exc))
 
 
 def build_parser():

@@ -1,23 +1,31 @@
 """The benchmark scripts' own smoke runs: they start, print their tables and write JSON of the
-right shape. No timing is asserted anywhere (a smoke run measures nothing)."""
+right shape; and the load generator and statistics they share with the serving tests
+(loadtest.py). No timing is asserted anywhere (a smoke run measures nothing)."""
+import http.server
 import json
 import os
-import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 
+import loadtest
+from bench import inference, serving as bench_serving
 from models import MODELS
+from serving import java_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_bench(script, tmp_path, *args, timeout=900):
+    """Run bench/SCRIPT as a user would, with --smoke, from another directory (nothing lands in the tree)."""
     out = str(tmp_path / (script + ".json"))
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script + ".py"), "--smoke", "--out", out,
-                             *args], cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            universal_newlines=True, timeout=timeout)
+    cmd = [sys.executable, "-m", "bench." + script]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    result = subprocess.run(cmd + ["--smoke", "--out", out, *args], cwd=str(tmp_path), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
+                            timeout=timeout)
     assert result.returncode == 0, result.stdout[-4000:]
     with open(out) as f:
         payload = json.load(f)
@@ -28,6 +36,18 @@ def run_bench(script, tmp_path, *args, timeout=900):
 
 def table_lines(stdout):
     return [line for line in stdout.splitlines() if line.startswith("|")]
+
+
+def tables(stdout):
+    """The markdown tables of an output, each as a list of its lines."""
+    found, current = [], []
+    for line in stdout.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            found.append(current)
+            current = []
+    return found
 
 
 def test_train_throughput_smoke(tmp_path):
@@ -45,25 +65,118 @@ def test_train_throughput_smoke(tmp_path):
         assert "%.2fx" % r["speedup_steady"] in stdout
 
 
+# ---- bench/inference.py ----------------------------------------------------------------------------
+
 def test_inference_smoke(tmp_path):
-    stdout, payload = run_bench("inference", tmp_path, "--models", "base_cnn")
-    lines = table_lines(stdout)
-    assert "single p50 ms" in lines[0]
+    stdout, payload = run_bench("inference", tmp_path, "--models", "base_cnn", "--threads", "1")
+    assert "SMOKE RUN" in stdout
+    single, batched, forward = tables(stdout)
+    assert "single p50 ms" in single[0] and "max abs diff vs torch" in single[0]
+    assert "batch 1 img/s" in batched[0] and "batch 4 img/s" in batched[0]  # --smoke caps batches at 4
+    assert "batch 1 ms" in forward[0] and "vs torch at batch 4" in forward[0]
     rows = payload["results"]
-    assert [(r["conv_net"], r["layout"]) for r in rows] == [("base_cnn", "channels_last"), ("base_cnn", "nchw")]
+    assert [(r["conv_net"], r["engine"]) for r in rows] == [("base_cnn", e) for e in inference.ENGINES]
+    for table in (single, batched, forward):
+        assert len(table) == 2 + len(rows)  # header, rule, one row per engine
     for r in rows:
-        assert r["single_p50_ms"] > 0 and r["single_p99_ms"] >= r["single_p50_ms"]
-        assert r["best_batched_img_s"] > 0 and r["forward_only_img_s"] > 0
+        assert r["threads"] == 1
+        if not r["available"]:  # OpenVINO is a bench-only dependency
+            assert r["engine"] == "openvino" and r["reason"] == "not installed"
+            continue
         assert r["img_size"] == MODELS["base_cnn"].img_size  # random weights at the model's default size
-    assert len(lines) == 2 + len(rows)
+        assert r["single_calls"] == 4 and r["single_p99_ms"] >= r["single_p50_ms"] > 0
+        assert set(r["batched_img_s"]) == set(r["forward_img_s"]) == {"1", "4"}
+        assert all(v > 0 for v in list(r["batched_img_s"].values()) + list(r["forward_img_s"].values()))
+        assert r["forward_batch1_ms"] > 0
+        # every engine computes what PyTorch computes (the export check's limit)
+        assert 0 <= r["max_abs_diff_vs_torch"] <= 1e-4, r
+    assert rows[0]["max_abs_diff_vs_torch"] == 0.0  # torch is the reference
 
 
-@pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 11+")
+def test_inference_without_openvino_says_so(tmp_path, monkeypatch, capsys):
+    """Without the bench-only dependency the benchmark runs and its rows say "not installed"."""
+    real = inference.engine_version
+    monkeypatch.setattr(inference, "engine_version", lambda e: None if e == "openvino" else real(e))
+    out = str(tmp_path / "inference.json")
+    rows = inference.main(["--smoke", "--models", "base_cnn", "--engines", "openvino", "--out", out])
+    assert [(r["engine"], r["available"]) for r in rows] == [("torch", True), ("openvino", False)]
+    stdout = capsys.readouterr().out
+    for table in tables(stdout):
+        assert "not installed" in table[-1] and table[-1].startswith("| base_cnn | OpenVINO")
+    with open(out) as f:
+        assert json.load(f)["results"][1]["reason"] == "not installed"
+
+
+# ---- bench/serving.py ------------------------------------------------------------------------------
+
+def test_grid_covers_workers_threads_batch_and_delay():
+    names = [g.name for g in bench_serving.GRID]
+    assert len(set(names)) == len(names)
+    assert {(g.workers, g.threads) for g in bench_serving.GRID if g.spin} == {(1, 2), (2, 1)}
+    assert {(g.workers, g.threads) for g in bench_serving.GRID if not g.spin} == {(1, 2), (2, 2)}
+    assert all(g.name.endswith("-nospin") != g.spin for g in bench_serving.GRID)
+    assert {g.batch_size for g in bench_serving.GRID} == {1, 4, 8}
+    assert {g.delay_ms for g in bench_serving.GRID if g.batch_size > 1} == {1, 5}
+    assert all(g.delay_ms == 0 for g in bench_serving.GRID if g.batch_size == 1)
+
+
+def test_grid_config_sets_the_model_config_keys():
+    shipped = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 1, "responseTimeout": 30,
+               "handler": {"torch_threads": 2}}
+    setting = bench_serving.GridSetting("w2-t1-b4-d5", 2, 1, 4, 5, True)
+    config = bench_serving.grid_config(shipped, setting)
+    assert config == {"minWorkers": 2, "maxWorkers": 2, "batchSize": 4, "maxBatchDelay": 5, "responseTimeout": 30,
+                      "handler": {"threads": 1}}
+    sleeping = bench_serving.grid_config(shipped, bench_serving.GridSetting("w1-t2-b4-d1-nospin", 1, 2, 4, 1, False))
+    assert sleeping["handler"] == {"threads": 2, "spin": False}
+    assert shipped["handler"] == {"torch_threads": 2}  # the shipped config is not changed
+    assert bench_serving.settings_text(config) == "2 x 1, 4, 5 ms"
+
+
+def _row(variant, concurrency, req_s, p50_ms, conv_net="m"):
+    return {"conv_net": conv_net, "variant": variant, "concurrency": concurrency, "req_s": req_s, "p50_ms": p50_ms,
+            "settings": variant, "engine": "onnx"}
+
+
+def test_selection_rule_and_targets():
+    """Latency target first; within 5% of the most req/s, fewer workers; the ratios of the same run."""
+    inprocess = [{"conv_net": "m", "engine": "torch", "available": True, "batched_img_s": {"8": 40.0},
+                  "single_p50_ms": 30.0},
+                 {"conv_net": "m", "engine": "onnx", "available": True, "batched_img_s": {"8": 100.0},
+                  "single_p50_ms": 10.0}]
+    rows = [_row("w2-t1-b8-d1", 16, 200.0, 20.0),  # the most req/s, but 10 ms over in-process: not eligible
+            _row("w2-t1-b8-d1", 1, 50.0, 20.0),
+            _row("w2-t1-b4-d1", 16, 104.0, 12.0), _row("w2-t1-b4-d1", 1, 80.0, 12.0),
+            _row("w1-t2-b4-d1", 16, 100.0, 14.0), _row("w1-t2-b4-d1", 1, 70.0, 14.0),  # within 5%: 1 worker wins
+            _row("w1-t2-b1", 16, 90.0, 11.0), _row("w1-t2-b1", 1, 90.0, 11.0)]
+    choice = bench_serving.pick_best("m", rows, inprocess, ["w2-t1-b8-d1", "w2-t1-b4-d1", "w1-t2-b4-d1",
+                                                            "w1-t2-b1"], [1, 16])
+    assert choice["variant"] == "w1-t2-b4-d1"
+    assert choice["throughput_ratio"] == pytest.approx(100.0 / 40.0) and choice["meets_throughput"]
+    assert choice["p50_gap_ms"] == pytest.approx(4.0) and choice["meets_p50"]
+    assert choice["vs_inprocess_onnx"] == pytest.approx(1.0)
+    lines = bench_serving.target_lines([choice])
+    assert "2.50x in-process PyTorch eager at batch 8 (target >= 2.5x): met" in lines[0]
+    assert "+4.0 ms (target <= +5 ms): met" in lines[1]
+    missed = bench_serving.summarize("m", rows, inprocess, "w2-t1-b8-d1", [1, 16])
+    assert missed["meets_throughput"] and not missed["meets_p50"]
+    assert "missed by 5.0 ms" in bench_serving.target_lines([missed])[1]
+
+
+def test_engines_from_the_model_log():
+    log = ("2026-01-01T00:00:00,000 [INFO ] W-9000-base_cnn__torch_1.0-stdout MODEL_LOG - base_cnn ready: torch "
+           "engine, img_size=64 (from the weights), labels={0: 'cat', 1: 'dog'}, threads=1\n"
+           "2026-01-01T00:00:00,000 [INFO ] W-9001-base_cnn_1.0-stdout MODEL_LOG - base_cnn ready: onnx engine, "
+           "img_size=64 (from the weights), labels={0: 'cat', 1: 'dog'}, threads=1\n")
+    assert bench_serving.engines_from_log(log) == {"base_cnn__torch": "torch", "base_cnn": "onnx"}
+
+
+@pytest.mark.skipif(java_command() is None, reason="TorchServe needs Java 11+")
 def test_serving_smoke(tmp_path):
     stdout, payload = run_bench("serving", tmp_path, "--grid")
     rows = payload["rows"]
     variants = sorted({r["variant"] for r in rows})
-    assert variants == sorted(["shipped", "stock", "w1-t2-b4-d1", "w2-t1-b4-d1"])
+    assert variants == sorted(["shipped", "torch", "stock", "w1-t2-b4-d1", "w2-t1-b4-d5"])
     assert {r["concurrency"] for r in rows} == {1, 4}
     assert len(rows) == len(variants) * 2
     for r in rows:
@@ -72,11 +185,84 @@ def test_serving_smoke(tmp_path):
         answer = json.loads(r["sample_answer"])
         if r["variant"] == "stock":
             assert set(answer) == {"cat", "dog"}  # top 2 of 2 classes
+            assert r["engine"] == "torch (stock handler)"
         else:
             assert len(answer) == 1 and set(answer) <= {"cat", "dog"}
+            # what each archive's workers said they run: ONNX Runtime unless archived --backend torch
+            assert r["engine"] == ("torch" if r["variant"] == "torch" else "onnx"), r
+    grid_threads = {r["variant"]: r["model_config"]["handler"]["threads"] for r in rows if r["variant"].startswith("w")}
+    assert grid_threads == {"w1-t2-b4-d1": 2, "w2-t1-b4-d5": 1}
     # the unmodified stock handler (topk=5) cannot answer for 2 classes
     assert payload["extra"]["stock_top5_answer"]["status"] != 200
+    assert {(r["engine"], r["batched_img_s"].keys() == {"8"}) for r in payload["inprocess"]} == {("torch", True),
+                                                                                                ("onnx", True)}
     summary = {s["variant"]: s for s in payload["summary"]}
-    assert summary["shipped"]["vs_stock"] > 0 and summary["shipped"]["vs_inprocess"] > 0
+    shipped = summary["shipped"]
+    assert shipped["throughput_ratio"] > 0 and shipped["vs_stock"] > 0 and shipped["vs_torch_archive"] > 0
+    assert shipped["p50_gap_ms"] == pytest.approx(shipped["p50_ms_low"] - shipped["inprocess_onnx_single_p50_ms"])
     assert payload["best"]["base_cnn"]["variant"] in variants
     assert "Against the targets" in stdout and "best grid setting for base_cnn" in stdout
+    assert "in-process PyTorch eager at batch 8 (target >= 2.5x)" in stdout
+    assert "in-process ONNX Runtime single image" in stdout
+
+
+# ---- loadtest.py: the load generator and statistics of bench/ and tests/test_serving.py ---------------
+
+def test_percentile_is_linear_interpolation():
+    assert loadtest.percentile([], 50) is None
+    assert loadtest.percentile([7], 99) == 7
+    assert loadtest.percentile([4, 1, 3, 2], 50) == 2.5
+    assert loadtest.percentile(list(range(1, 101)), 99) == pytest.approx(99.01)
+    assert loadtest.percentile([1, 2, 3], 100) == 3 and loadtest.percentile([1, 2, 3], 0) == 1
+    assert loadtest.latency_summary([0.010, 0.020, 0.030]) == {"p50_ms": 20.0, "p99_ms": 29.8, "mean_ms": 20.0}
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as TorchServe
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        status = 200 if body != b"bad" else 415
+        answer = json.dumps({"got": body.decode()}).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+        self.server.connections.add(self.client_address)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def echo_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.connections = set()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_run_load_counts_answers_and_errors(echo_server):
+    url = "http://127.0.0.1:%d/predictions/m" % echo_server.server_address[1]
+    row = loadtest.run_load(url, [b"a", b"b", b"bad"], concurrency=3, n_requests=30, warmup=0)
+    assert row["concurrency"] == 3 and row["requests"] == 30
+    assert row["ok"] == 20 and row["errors"] == 10  # every third payload is refused
+    assert row["first_error"]["status"] == 415
+    assert row["req_s"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0
+    assert json.loads(row["sample_answer"])["got"] in ("a", "b")
+    assert len(echo_server.connections) == 3  # one keep-alive connection per client
+
+
+def test_send_requests_reports_each_request_and_progress(echo_server):
+    url = "http://127.0.0.1:%d/x" % echo_server.server_address[1]
+    seen = []
+    results = loadtest.send_requests(url, [b"p0", b"p1"], total=10, concurrency=2, on_done=seen.append)
+    assert sorted(r.index for r in results) == list(range(10))
+    assert all(r.status == 200 and r.end >= r.start for r in results)
+    assert all(json.loads(r.body)["got"] == "p%d" % (r.index % 2) for r in results)
+    assert sorted(seen) == list(range(1, 11))
+    dead = loadtest.send_requests("http://127.0.0.1:1/x", [b"p"], total=2, concurrency=1)
+    assert [r.status for r in dead] == ["ConnectionRefusedError"] * 2  # no answer: the exception's name

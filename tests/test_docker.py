@@ -255,11 +255,33 @@ def network(engine):
 @pytest.fixture(scope="module")
 def model_store(tmp_path_factory):
     """(directory with the .mar files, model names, is it deployment/model-store)."""
+    store, models, is_deployment_store, _ = archives_and_checkpoints(tmp_path_factory)
+    return store, models, is_deployment_store
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """{model: the checkpoint its archive was built from}, when known (for torch archives of the same weights)."""
+    return archives_and_checkpoints(tmp_path_factory)[3]
+
+
+_ARCHIVES = {}
+
+
+def archives_and_checkpoints(tmp_path_factory):
+    if not _ARCHIVES:
+        _ARCHIVES["value"] = _make_archives(tmp_path_factory)
+    return _ARCHIVES["value"]
+
+
+def _make_archives(tmp_path_factory):
     store = os.environ.get("DOCKER_TEST_MODEL_STORE") or os.path.join(DEPLOYMENT, "model-store")
     models = sorted(n[:-4] for n in os.listdir(store) if n.endswith(".mar")) if os.path.isdir(store) else []
     if models:
         say("testing the archives of %s: %s" % (store, ", ".join(models)))
-        return os.path.abspath(store), models, os.path.abspath(store) == os.path.join(DEPLOYMENT, "model-store")
+        is_deployment_store = os.path.abspath(store) == os.path.join(DEPLOYMENT, "model-store")
+        shipped = {m: os.path.join(REPO_ROOT, "models", m, "model_%s.pth" % m) for m in models}
+        return os.path.abspath(store), models, is_deployment_store, shipped if is_deployment_store else {}
     if os.environ.get("DOCKER_TEST_MODEL_STORE"):
         pytest.fail("no .mar file in DOCKER_TEST_MODEL_STORE=%s" % store)
     work = str(tmp_path_factory.mktemp("archives"))
@@ -269,12 +291,57 @@ def model_store(tmp_path_factory):
     models = ["base_cnn", "efficientnet_lite0"]
     say("no .mar file in deployment/model-store: archiving randomly initialised %s with deployment/archive.sh"
         % " and ".join(models))
+    made = {}
     with timed("archive.sh (random weights)"):
         for conv_net, img_size in (("base_cnn", 64), ("efficientnet_lite0", 224)):
-            result = run_archive("--export-path", store, "%s=%s" % (conv_net, make_checkpoint(work, conv_net, img_size)),
+            made[conv_net] = make_checkpoint(work, conv_net, img_size)
+            result = run_archive("--export-path", store, "%s=%s" % (conv_net, made[conv_net]),
                                  timeout=1800)  # minutes when the CPU is shared with a training run
             assert result.returncode == 0, result.stdout
-    return store, models, False
+    return store, models, False, made
+
+
+@pytest.fixture(scope="module")
+def torch_model_store(model_store, checkpoints, tmp_path_factory):
+    """The same weights as torch archives (deployment/archive.sh --backend torch): what the stock image,
+    which has no ONNX Runtime, can serve."""
+    _, models, _ = model_store
+    if set(checkpoints) != set(models):
+        pytest.skip("the checkpoints of DOCKER_TEST_MODEL_STORE's archives are unknown")
+    store = str(tmp_path_factory.mktemp("torch-archives"))
+    os.chmod(store, 0o755)  # bind-mounted into the stock-image container, whose user is not root
+    with timed("archive.sh --backend torch"):
+        for conv_net in models:
+            result = run_archive("--backend", "torch", "--export-path", store,
+                                 "%s=%s" % (conv_net, checkpoints[conv_net]), timeout=1800)
+            assert result.returncode == 0, result.stdout
+    return store
+
+
+@pytest.fixture(scope="module")
+def ort_wheels(base_image, tmp_path_factory):
+    """deployment/Dockerfile's PIP_ARGS: ONNX Runtime's wheels for the base image's Python, served on
+    127.0.0.1 (the build runs with --network host). Empty where the build can reach PyPI itself
+    (DOCKER_TEST_PIP_ARGS= set to '' or other arguments)."""
+    if "DOCKER_TEST_PIP_ARGS" in os.environ:
+        yield os.environ["DOCKER_TEST_PIP_ARGS"]
+        return
+    version = docker("run", "--rm", "--entrypoint", "python", base_image, "-c",
+                     "import sys; print('%d%d' % sys.version_info[:2])", quiet=True).stdout.strip().splitlines()[-1]
+    with open(os.path.join(DEPLOYMENT, "Dockerfile")) as f:
+        pin = re.search(r"onnxruntime==[0-9.]+", f.read()).group(0)
+    wheels = str(tmp_path_factory.mktemp("ort-wheels"))
+    run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--dest", wheels,
+         "--python-version", version, "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
+         "--platform", "manylinux2014_x86_64", "--platform", "linux_x86_64", pin], quiet=True)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", wheels,
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield "--no-index --find-links http://127.0.0.1:%d/" % port
+    finally:
+        server.terminate()
+        server.wait()
 
 
 @pytest.fixture(scope="module")
@@ -314,9 +381,10 @@ def build_context(model_store, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def project_image(base_image, build_context):
+def project_image(base_image, build_context, ort_wheels):
     with timed("docker build deployment/Dockerfile"):
-        docker("build", "-t", TEST_IMAGE, "--build-arg", "BASE_IMAGE=" + base_image, build_context, quiet=True)
+        docker("build", "--network", "host", "-t", TEST_IMAGE, "--build-arg", "BASE_IMAGE=" + base_image,
+               "--build-arg", "PIP_ARGS=" + ort_wheels, build_context, quiet=True)
     yield TEST_IMAGE
     if RMI:
         say("removing %s" % TEST_IMAGE)
@@ -354,8 +422,9 @@ class Ports(object):
                 "-p", "127.0.0.1:%d:8082" % self.metrics]
 
     def env(self):
-        """TorchServe settings for --network host: everything on 127.0.0.1, on free ports."""
-        return {"TS_INFERENCE_ADDRESS": self.base_url, "TS_MANAGEMENT_ADDRESS": self.management_url,
+        """TorchServe settings for --network host: everything on 127.0.0.1, on free ports. The project
+        image's management API is a Unix socket inside the container, so it needs no port."""
+        return {"TS_INFERENCE_ADDRESS": self.base_url,
                 "TS_METRICS_ADDRESS": "http://127.0.0.1:%d" % self.metrics,
                 "TS_GRPC_INFERENCE_PORT": str(self.grpc_inference),
                 "TS_GRPC_MANAGEMENT_PORT": str(self.grpc_management)}
@@ -403,8 +472,24 @@ def test_project_image_answers_like_local_torchserve(project_image, network, mod
         for (model, image), answer in sorted(answers.items()):
             say("docker %-20s %-12s %s" % (model, image, json.dumps(answer)))
         compare(local_answers, answers, "project image (%s)" % network)
+        # ... and through ONNX Runtime where the archives hold an ONNX model (deployment/archive.sh's default)
+        store = model_store[0]
+        onnx_models = [m for m in models if serialized_file(os.path.join(store, m + ".mar")).endswith(".onnx")]
+        logs = "".join(subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      universal_newlines=True).stdout
+                       for cmd in (["docker", "logs", name],
+                                   ["docker", "exec", name, "sh", "-c", "cat /home/model-server/logs/model_log.log"]))
+        for model in onnx_models:
+            assert re.search(r"%s ready: onnx engine" % model, logs), "no ONNX Runtime worker for %s" % model
+        say("served through ONNX Runtime: %s" % (", ".join(onnx_models) or "none (torch archives)"))
     finally:
         remove_container(name)
+
+
+def serialized_file(archive_path):
+    import zipfile
+    with zipfile.ZipFile(archive_path) as z:
+        return json.loads(z.read("MAR-INF/MANIFEST.json"))["model"].get("serializedFile") or ""
 
 
 def test_kubernetes_probes_answer_in_the_container(project_image, network, model_store):
@@ -445,17 +530,25 @@ def test_kubernetes_probes_answer_in_the_container(project_image, network, model
         metrics = requests.get("http://127.0.0.1:%d%s" % (ports.metrics, annotations["prometheus.io/path"]),
                                timeout=10)
         assert metrics.status_code == 200 and re.search(r"(?m)^# TYPE \w+ (counter|gauge|histogram)$", metrics.text)
-        if network == "publish":  # the management API listens on the container's loopback only
-            with pytest.raises(requests.ConnectionError):
-                requests.get(ports.management_url + "/models", timeout=10)
+        # No TCP port takes a management call (the API is on a Unix socket inside the container),
+        # and what is served is unchanged after trying.
+        with pytest.raises(requests.ConnectionError):
+            requests.get(ports.management_url + "/models", timeout=10)
+        for url in (ports.base_url, "http://127.0.0.1:%d" % ports.metrics):
+            answer = requests.put(url + "/models/base_cnn?min_worker=0", timeout=10)
+            assert not 200 <= answer.status_code < 300, (url, answer.status_code, answer.text)
+        result = docker("exec", name, *readiness, check=False, quiet=True)
+        assert result.returncode == 0, result.stdout
     finally:
         remove_container(name)
 
 
 def test_readme_command_on_stock_image_answers_like_local_torchserve(base_image, network, model_store,
-                                                                     local_answers, tmp_path):
-    """The original README command, on the stock image (or its stand-in), with the project's archives."""
-    store, models, _ = model_store
+                                                                     torch_model_store, local_answers, tmp_path):
+    """The original README command, on the stock image (or its stand-in), with torch archives of the same weights
+    (the stock image has no ONNX Runtime): they answer as the ONNX archives do locally."""
+    _, models, _ = model_store
+    store = torch_model_store
     ports, name = Ports(), PREFIX + "-readme"
     if network == "publish":
         net_args = ports.publish_args()

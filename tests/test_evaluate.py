@@ -2,11 +2,12 @@
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
 
-from conftest import TRAIN_IMAGES
+from tests.support import TRAIN_DIR
 import evaluate_main
 import train_main
 from dataset import find_labeled_images, stratified_split
@@ -115,17 +116,49 @@ def test_json_report_png_and_a_corrupt_file(tmp_path, random_model, flat_data, c
 def trained(tmp_path_factory):
     """A tiny model trained by train_main.py with half of the fixture images held out."""
     path = tmp_path_factory.mktemp("trained") / "model.pth"
-    train_main.main(["--conv_net", "base_cnn", "--data_dir", TRAIN_IMAGES, "--model_path", str(path),
+    train_main.main(["--conv_net", "base_cnn", "--data_dir", TRAIN_DIR, "--model_path", str(path),
                      "--epochs", "1", "--img_size", "32", "--batch_size", "8", "--validation_split", "0.5",
                      "--seed", "3", "--num_workers", "0"])
     return str(path), json.loads(path.with_suffix(".json").read_text())
 
 
+def moved_model(tmp_path, trained):
+    """The trained model as another machine sees it: the folder its training recorded is not there."""
+    path, meta = trained
+    moved = json.loads(json.dumps(meta))
+    moved["args"]["data_dir"] = str(tmp_path / "gone")
+    model = tmp_path / "moved.pth"
+    shutil.copy(path, model)
+    model.with_suffix(".json").write_text(json.dumps(moved))
+    return str(model)
+
+
+def test_validation_split_falls_back_to_the_readme_folder(tmp_path, trained, monkeypatch, capsys):
+    """Training's recorded folder is gone (another machine): data/train, where the README puts the images."""
+    model = moved_model(tmp_path, trained)
+    shutil.copytree(TRAIN_DIR, tmp_path / "data" / "train")
+    monkeypatch.chdir(tmp_path)
+    report = run_evaluate(tmp_path, "--model_path", model, "--split", "val")
+    assert report["data_dir"] == os.path.join("data", "train")
+    assert report["images"] == 12 and report["accuracy"] == trained[1]["val_acc"]  # same files, same split
+    assert "re-creating its split from data/train" in capsys.readouterr().err
+
+
+def test_validation_split_without_any_folder_is_one_line(tmp_path, trained, capsys, monkeypatch):
+    model = moved_model(tmp_path, trained)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main.main(["--model_path", model, "--split", "val"])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "is not here, nor is data/train: pass --data_dir" in lines[0]
+
+
 def test_validation_split_reproduces_trainings_accuracy(tmp_path, trained):
     path, meta = trained
     report = run_evaluate(tmp_path, "--model_path", path, "--split", "val")
-    _, val = stratified_split(find_labeled_images(TRAIN_IMAGES), 0.5, 3)
-    assert report["images"] == len(val) == 12 and report["data_dir"] == TRAIN_IMAGES
+    _, val = stratified_split(find_labeled_images(TRAIN_DIR), 0.5, 3)
+    assert report["images"] == len(val) == 12 and report["data_dir"] == TRAIN_DIR
     assert report["img_size"] == 32  # from the meta JSON, no flag
     assert report["accuracy"] == meta["val_acc"]
     assert report["log_loss"] == pytest.approx(meta["val_loss"], abs=1e-5)
@@ -144,8 +177,8 @@ def test_train_split_is_the_rest(tmp_path, trained):
     (["--data_dir", "missing"], "data folder not found"),
     (["--split", "val"], "does not record training's split"),
     (["--data_dir", "EMPTY"], "no images"),
-    (["--data_dir", TRAIN_IMAGES, "--conv_net", "efficientnet_lite0"], "base_cnn"),
-    (["--data_dir", TRAIN_IMAGES, "--split", "test"], "--split"),
+    (["--data_dir", TRAIN_DIR, "--conv_net", "efficientnet_lite0"], "base_cnn"),
+    (["--data_dir", TRAIN_DIR, "--split", "test"], "--split"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, random_model, capsys, monkeypatch, args, message):
     (tmp_path / "EMPTY").mkdir()

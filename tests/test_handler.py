@@ -117,8 +117,9 @@ ARCHIVED_SOURCES = ["models/handler.py", "models/base_cnn/base_cnn.py",
                     "models/vgg/vgg.py", "models/efficientnet_lite0/efficientnet_lite0.py"]
 # The archive of the original README's command holds only the handler, the model file, the
 # weights and index_to_name.json: the handler imports nothing from the project or TorchServe.
+# onnxruntime: imported only by an archive that holds an ONNX model, and deployment/Dockerfile installs it.
 ALLOWED_IMPORTS = {"base64", "binascii", "http", "importlib", "inspect", "io", "json", "logging", "os", "re",
-                   "time", "torch", "PIL"}
+                   "time", "torch", "PIL", "onnxruntime"}
 
 
 @pytest.mark.parametrize("path", ARCHIVED_SOURCES)
@@ -190,6 +191,16 @@ def test_multipart_field_raw_body_and_base64_agree(loaded):
     assert results[0][1] == results[1][1] == results[2][1]
 
 
+def test_two_files_in_one_request_are_refused_alone(loaded):
+    """A multipart request with a second file under another name: which one would be answered? Neither."""
+    dog, cat = jpeg_of("dog.0.jpg"), jpeg_of("cat.0.jpg")
+    results = run(loaded, [{"data": dog, "other": cat}, {"data": dog, "note": "a form field, not a file"}])
+    assert results[0][0] == 400 and results[0][1]["type"] == "TooManyFiles", results[0]
+    assert "['data', 'other']" in results[0][1]["message"]
+    assert results[1][0] == 200 and dog_probability(results[1][1]) == pytest.approx(expected(loaded, [dog])[0],
+                                                                                     abs=1e-5)
+
+
 # ---- every image mode classifies like its RGB equivalent -----------------------------------------
 
 def _exif_rotated(img, fmt):
@@ -225,11 +236,15 @@ def variants():
     palette_transparent = palette.copy()
     palette_transparent.info["transparency"] = 0
     gray16 = Image.fromarray(np.asarray(gray).astype("uint16") * 257)
+    gray_float = Image.fromarray(np.asarray(gray).astype("float32") / 255)  # 32-bit float, 0..1
+    gray_float255 = Image.fromarray(np.asarray(gray).astype("float32"))  # 32-bit float, 0..255
     _VARIANTS.update({
         "grayscale_jpeg": (gray_jpeg, Image.open(io.BytesIO(gray_jpeg)).convert("RGB"), 1e-5),
         "grayscale_png": (encode(gray, "PNG"), gray.convert("RGB"), 1e-5),
         "gray_alpha_png": (encode(gray.convert("LA"), "PNG"), gray.convert("RGB"), 1e-5),
         "gray_16bit_png": (encode(gray16, "PNG"), gray.convert("RGB"), 0.02),
+        "gray_float_tiff": (encode(gray_float, "TIFF"), gray.convert("RGB"), 1e-3),
+        "gray_float255_tiff": (encode(gray_float255, "TIFF"), gray.convert("RGB"), 1e-3),
         "rgba_opaque_png": (encode(rgba, "PNG"), rgb, 1e-5),
         "rgba_transparent_png": (encode(half, "PNG"), _white_composite(half), 1e-3),
         "palette_png": (encode(palette, "PNG"), palette.convert("RGB"), 1e-5),
@@ -242,7 +257,8 @@ def variants():
     return _VARIANTS
 
 
-VARIANTS = ["grayscale_jpeg", "grayscale_png", "gray_alpha_png", "gray_16bit_png", "rgba_opaque_png",
+VARIANTS = ["grayscale_jpeg", "grayscale_png", "gray_alpha_png", "gray_16bit_png", "gray_float_tiff",
+            "gray_float255_tiff", "rgba_opaque_png",
             "rgba_transparent_png", "palette_png", "palette_transparency_png", "cmyk_jpeg",
             "exif_rotated_png", "exif_rotated_jpeg"]
 
@@ -467,5 +483,13 @@ def test_weights_are_loaded_without_unpickling_code(tmp_path):
         sys.path.remove(directory)
 
 
-def test_fixture_images_exist():
-    assert sorted(os.listdir(TEST1_DIR)) == ["1.jpg", "2.jpg", "2124.jpg", "3.jpg"]
+def test_every_fixture_image_is_served_as_prediction_classifies_it(loaded):
+    """Every image prediction would read in the fixture folders, in one batch: each is answered 200 with the
+    probability the project's own code (models.load_trained + transforms) gives it, in request order."""
+    from dataset import find_images
+    paths = find_images(TEST1_DIR) + find_images(TRAIN_DIR)
+    assert [os.path.basename(p) for p in paths[:4]] == ["1.jpg", "2.jpg", "3.jpg", "2124.jpg"]  # numeric order
+    images = [fixture_bytes(os.path.basename(p), os.path.dirname(p)) for p in paths]
+    results = run(loaded, [{"body": data} for data in images])
+    assert [r[0] for r in results] == [200] * len(images) == [200] * 28
+    assert [dog_probability(r[1]) for r in results] == pytest.approx(expected(loaded, images), abs=1e-5)

@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TEST_IMAGES, TRAIN_IMAGES, run_cli
+from tests.support import REPO_ROOT, TEST1_DIR, TRAIN_DIR, run_cli
 import predict_main
+from models.inference import Predictor
 from models import CLASSES, build_model, set_serving_size
 from dataset import _decode_one
 from models.checkpoint import meta_path, save_model
@@ -60,7 +61,7 @@ def one_error_line(stderr):
 
 def test_folder_writes_a_kaggle_submission(tmp_path, model_path, capsys):
     out = tmp_path / "sub" / "submission.csv"
-    predict_main.main(["--model_path", model_path, "--img_dir", TEST_IMAGES, "--csv", str(out),
+    predict_main.main(["--model_path", model_path, "--img_dir", TEST1_DIR, "--csv", str(out),
                        "--batch_size", "3", "--num_workers", "0"])
     rows = read_csv(out)
     assert rows[0] == ["id", "label"]
@@ -69,7 +70,7 @@ def test_folder_writes_a_kaggle_submission(tmp_path, model_path, capsys):
         p = float(text)
         assert 0.0 <= p <= 1.0
         assert text == repr(p)  # full precision, nothing rounded away
-        assert p == pytest.approx(expected_p_dog(model_path, 32, os.path.join(TEST_IMAGES, image_id + ".jpg")),
+        assert p == pytest.approx(expected_p_dog(model_path, 32, os.path.join(TEST1_DIR, image_id + ".jpg")),
                                   abs=1e-6)
     assert "wrote 4 predictions to %s" % out in capsys.readouterr().out
 
@@ -78,19 +79,19 @@ def test_cli_submission_with_decoding_workers(tmp_path, model_path):
     """What the serving tests run: the real command line, several batches decoded in worker processes."""
     out = tmp_path / "submission.csv"
     result = run_cli("predict_main.py", "--conv_net", "base_cnn", "--model_path", model_path,
-                     "--img_dir", TEST_IMAGES, "--csv", out, "--batch_size", 2, "--num_workers", 2)
+                     "--img_dir", TEST1_DIR, "--csv", out, "--batch_size", 2, "--num_workers", 2)
     assert result.returncode == 0, result.stderr
     rows = read_csv(out)
     assert rows[0] == ["id", "label"] and [r[0] for r in rows[1:]] == IDS
     in_process = tmp_path / "in_process.csv"
-    predict_main.main(["--model_path", model_path, "--img_dir", TEST_IMAGES, "--csv", str(in_process),
+    predict_main.main(["--model_path", model_path, "--img_dir", TEST1_DIR, "--csv", str(in_process),
                        "--num_workers", "0"])
     for (_, a), (_, b) in zip(rows[1:], read_csv(in_process)[1:]):
         assert float(a) == pytest.approx(float(b), abs=1e-6)  # batch size and workers change nothing
 
 
 def test_csv_to_standard_output(model_path, capsys):
-    predict_main.main(["--model_path", model_path, "--img_dir", TEST_IMAGES, "--csv", "-", "--num_workers", "0"])
+    predict_main.main(["--model_path", model_path, "--img_dir", TEST1_DIR, "--csv", "-", "--num_workers", "0"])
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
     assert lines[0] == "id,label" and [line.split(",")[0] for line in lines[1:]] == IDS
@@ -99,7 +100,7 @@ def test_csv_to_standard_output(model_path, capsys):
 
 def test_a_corrupt_file_is_skipped_and_the_others_written(tmp_path, model_path, capsys):
     folder = tmp_path / "test1"
-    shutil.copytree(TEST_IMAGES, folder)
+    shutil.copytree(TEST1_DIR, folder)
     (folder / "5.jpg").write_bytes(b"this is not a JPEG")
     (folder / "7.jpg").write_bytes((folder / "1.jpg").read_bytes()[:600])  # truncated
     (folder / "notes.txt").write_text("not an image file, ignored")
@@ -126,9 +127,9 @@ def test_nothing_readable_is_exit_2_and_no_csv(tmp_path, model_path):
 def test_model_trained_at_another_size_needs_no_flag(tmp_path):
     """img_size comes from the meta JSON beside the weights."""
     path = saved_model(tmp_path / "m40.pth", img_size=40, seed=1)
-    predictor = predict_main.Predictor("base_cnn", path)
+    predictor = Predictor("base_cnn", path)
     assert predictor.img_size == 40
-    image = os.path.join(TEST_IMAGES, "2124.jpg")
+    image = os.path.join(TEST1_DIR, "2124.jpg")
     (_, probs), = predictor.predict_files([image])
     assert probs[predictor.dog_index] == pytest.approx(expected_p_dog(path, 40, image), abs=1e-6)
     assert abs(sum(probs) - 1) < 1e-6
@@ -138,9 +139,9 @@ def test_training_prediction_and_serving_decode_a_big_jpeg_alike(tmp_path):
     """JPEG draft mode everywhere: a 3000x2000 photo is decoded at 1/8 scale by training, prediction and
     the handler (which gets the bytes), so none of them drifts from the others."""
     path = tmp_path / "dog.1.jpg"
-    Image.open(os.path.join(TRAIN_IMAGES, "dog.3.jpg")).resize((3000, 2000)).save(path, quality=90)
+    Image.open(os.path.join(TRAIN_DIR, "dog.3.jpg")).resize((3000, 2000)).save(path, quality=90)
     served = eval_transform(64)(open_rgb(path.read_bytes(), 64))  # models/handler.py's preprocess_one
-    predicted, error = predict_main.decode(str(path), 64)
+    predicted, error = Predictor("base_cnn", saved_model(tmp_path / "m64.pth", img_size=64), "torch").decode(str(path))
     trained, _ = _decode_one((str(path), 64))
     assert error is None
     assert torch.equal(predicted, served) and torch.equal(normalize(torch.from_numpy(trained)), served)
@@ -151,7 +152,7 @@ def test_training_prediction_and_serving_decode_a_big_jpeg_alike(tmp_path):
 def test_eps_file_is_skipped_without_reaching_its_plugin(tmp_path, eps_plugin_calls):
     path = tmp_path / "1.jpg"
     path.write_bytes(eps_bytes())
-    tensor, why = predict_main.decode(str(path), 32)
+    tensor, why = Predictor("base_cnn", saved_model(tmp_path / "m32.pth"), "torch").decode(str(path))
     assert tensor is None and why.startswith("unsupported image format") and eps_plugin_calls == []
 
 
@@ -159,8 +160,8 @@ def test_eps_file_is_skipped_without_reaching_its_plugin(tmp_path, eps_plugin_ca
 
 def test_one_image_prints_label_and_probability_and_saves_the_figure(tmp_path, model_path, capsys):
     fig = tmp_path / "figs" / "fig.png"
-    image = os.path.join(TEST_IMAGES, "2124.jpg")
-    label, prob = predict_main.predict_image(predict_main.Predictor("base_cnn", model_path), image, str(fig))
+    image = os.path.join(TEST1_DIR, "2124.jpg")
+    label, prob = predict_main.predict_image(Predictor("base_cnn", model_path), image, str(fig))
     p_dog = expected_p_dog(model_path, 32, image)
     assert label == ("dog" if p_dog > 0.5 else "cat")
     assert prob == pytest.approx(max(p_dog, 1 - p_dog), abs=1e-6)
@@ -176,8 +177,8 @@ def headless_env():
 
 
 def test_headless_without_save_writes_the_figure_in_the_working_directory(tmp_path, model_path):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "predict_main.py"), "--model_path", model_path,
-                             "--img_path", os.path.join(TEST_IMAGES, "2124.jpg")],
+    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "predict_main.py"), "--model_path", model_path,
+                             "--img_path", os.path.join(TEST1_DIR, "2124.jpg")],
                             cwd=tmp_path, env=headless_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "figure written to 2124_prediction.png" in result.stdout
@@ -190,7 +191,7 @@ def test_save_never_shows(tmp_path, model_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     shown = []
     monkeypatch.setattr("matplotlib.pyplot.show", lambda *a, **k: shown.append(1))
-    predict_main.main(["--model_path", model_path, "--img_path", os.path.join(TEST_IMAGES, "1.jpg"),
+    predict_main.main(["--model_path", model_path, "--img_path", os.path.join(TEST1_DIR, "1.jpg"),
                        "--save", "out.png"])
     assert (tmp_path / "out.png").exists() and not (tmp_path / "1_prediction.png").exists() and not shown
 
@@ -199,7 +200,7 @@ def test_save_never_shows(tmp_path, model_path, monkeypatch):
 
 def test_checkpoint_of_another_model_is_one_line_and_exit_2(model_path):
     result = run_cli("predict_main.py", "--conv_net", "efficientnet_lite0", "--model_path", model_path,
-                     "--img_path", os.path.join(TEST_IMAGES, "1.jpg"))
+                     "--img_path", os.path.join(TEST1_DIR, "1.jpg"))
     assert result.returncode == 2
     assert "base_cnn" in one_error_line(result.stderr)
 
@@ -210,7 +211,7 @@ def test_weights_of_another_model_without_meta_is_one_line_and_exit_2(tmp_path, 
     os.remove(meta_path(path))
     with pytest.raises(SystemExit) as exit_info:
         predict_main.main(["--conv_net", "efficientnet_lite0", "--model_path", path,
-                           "--img_dir", TEST_IMAGES, "--csv", str(tmp_path / "x.csv")])
+                           "--img_dir", TEST1_DIR, "--csv", str(tmp_path / "x.csv")])
     assert exit_info.value.code == 2
     assert "not a efficientnet_lite0 checkpoint" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "x.csv").exists()
@@ -220,10 +221,10 @@ def test_weights_of_another_model_without_meta_is_one_line_and_exit_2(tmp_path, 
     (["--img_path", "missing.jpg"], "image not found"),
     (["--img_dir", "missing_dir", "--csv", "x.csv"], "image folder not found"),
     (["--img_dir", "EMPTY", "--csv", "x.csv"], "no images in"),
-    (["--img_dir", TEST_IMAGES], "needs --csv"),
-    (["--img_path", os.path.join(TEST_IMAGES, "1.jpg"), "--csv", "x.csv"], "--csv goes with --img_dir"),
-    (["--img_path", os.path.join(TEST_IMAGES, "1.jpg"), "--batch_size", "0"], "--batch_size"),
-    (["--img_path", os.path.join(TEST_IMAGES, "1.jpg"), "--conv_net", "resnet"], "--conv_net"),
+    (["--img_dir", TEST1_DIR], "needs --csv"),
+    (["--img_path", os.path.join(TEST1_DIR, "1.jpg"), "--csv", "x.csv"], "--csv goes with --img_dir"),
+    (["--img_path", os.path.join(TEST1_DIR, "1.jpg"), "--batch_size", "0"], "--batch_size"),
+    (["--img_path", os.path.join(TEST1_DIR, "1.jpg"), "--conv_net", "resnet"], "--conv_net"),
     ([], "--img_path --img_dir is required"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, model_path, capsys, monkeypatch, args, message):
@@ -238,7 +239,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, model_path, capsys, monkeypa
 def test_model_path_defaults_to_the_registry_path(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no models/ here
     with pytest.raises(SystemExit) as exit_info:
-        predict_main.main(["--conv_net", "base_cnn", "--img_path", os.path.join(TEST_IMAGES, "1.jpg")])
+        predict_main.main(["--conv_net", "base_cnn", "--img_path", os.path.join(TEST1_DIR, "1.jpg")])
     assert exit_info.value.code == 2
     assert "no checkpoint at models/base_cnn/model_base_cnn.pth" in one_error_line(capsys.readouterr().err)
 
@@ -247,7 +248,7 @@ def test_empty_checkpoint_is_one_line_naming_it_and_what_to_do(tmp_path):
     """Issue 17: a 0-byte .pth was an IndexError traceback."""
     path = tmp_path / "model_base_cnn.pth"
     path.write_bytes(b"")
-    result = run_cli("predict_main.py", "--model_path", path, "--img_path", os.path.join(TEST_IMAGES, "1.jpg"))
+    result = run_cli("predict_main.py", "--model_path", path, "--img_path", os.path.join(TEST1_DIR, "1.jpg"))
     assert result.returncode == 2
     assert one_error_line(result.stderr) == (
         "error: cannot load %s: the file is empty (0 bytes); pass the .pth file training wrote (--model_path), "
@@ -265,7 +266,7 @@ def test_unusable_checkpoint_is_one_line_naming_it(tmp_path, model_path, capsys,
     with open(model_path, "rb") as f:
         path.write_bytes(damage(f.read()))
     with pytest.raises(SystemExit) as exit_info:
-        predict_main.main(["--model_path", str(path), "--img_path", os.path.join(TEST_IMAGES, "1.jpg")])
+        predict_main.main(["--model_path", str(path), "--img_path", os.path.join(TEST1_DIR, "1.jpg")])
     assert exit_info.value.code == 2
     line = one_error_line(capsys.readouterr().err)
     assert str(path) in line and message in line
@@ -279,7 +280,7 @@ def test_weights_of_an_older_version_of_the_network_are_one_line(tmp_path, capsy
     state["extra.weight"] = torch.zeros(1)
     torch.save(state, path)
     with pytest.raises(SystemExit) as exit_info:
-        predict_main.main(["--model_path", path, "--img_path", os.path.join(TEST_IMAGES, "1.jpg")])
+        predict_main.main(["--model_path", path, "--img_path", os.path.join(TEST1_DIR, "1.jpg")])
     assert exit_info.value.code == 2
     assert one_error_line(capsys.readouterr().err) == (
         "error: %s was trained as base_cnn, but its weights do not fit the current base_cnn network (saved by "
@@ -296,6 +297,6 @@ def test_unreadable_checkpoint_is_one_line(tmp_path, capsys):
     path = tmp_path / "broken.pth"
     path.write_bytes(b"not a torch file")
     with pytest.raises(SystemExit) as exit_info:
-        predict_main.main(["--model_path", str(path), "--img_path", os.path.join(TRAIN_IMAGES, "cat.0.jpg")])
+        predict_main.main(["--model_path", str(path), "--img_path", os.path.join(TRAIN_DIR, "cat.0.jpg")])
     assert exit_info.value.code == 2
     assert "cannot load" in one_error_line(capsys.readouterr().err)

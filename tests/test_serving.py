@@ -3,8 +3,9 @@
 Servers, each started when a test first needs it and stopped when the module ends,
 whatever happened:
   server          base_cnn: a random base_cnn archived by deployment/archive.sh at
-                  img_size 64, batch 4 (most tests)
-  vgg_server      vgg: a random VGG19-bn archived the same way (uncompressed archive)
+                  img_size 64, batch 4 (most tests): its ONNX export, run by ONNX Runtime
+  vgg_server      vgg: a random VGG19-bn archived with --backend torch (the state_dict,
+                  run by PyTorch; uncompressed archive)
   shipped_server  every archive in deployment/model-store, under shipped_<model>, with
                   its shipped model-config (only when there are any)
 TorchServe 0.12 gives a worker process a fixed 2 minutes to start listening (import
@@ -30,6 +31,7 @@ import pytest
 import requests
 import yaml
 
+from loadtest import percentile, send_requests
 from tests.serving_utils import (REPO_ROOT, SHIPPED_CONFIG, TEST1_DIR, TRAIN_DIR, TorchServe, archive, bomb_png,
                                  dog_probability, encode, eps_bytes, expected_dog_probabilities, fixture_bytes,
                                  flat_png, make_checkpoint, read_json_response, run_archive, tiny_png,
@@ -67,7 +69,9 @@ def store(work, checkpoints):
     config = write_model_config(os.path.join(work, "model-config.yaml"), batch_size=4, max_batch_delay=100,
                                 workers=1, response_timeout=120, torch_threads=1)
     archive(path, "base_cnn", checkpoints["base_cnn"], config_file=config)
-    archive(path, "vgg", checkpoints["vgg"], config_file=config, archive_format="zip-store")
+    result = run_archive("--backend", "torch", "--export-path", path, "--config-file", config,
+                         "--archive-format", "zip-store", "vgg=%s" % checkpoints["vgg"])
+    assert result.returncode == 0, result.stdout
     return path
 
 
@@ -131,12 +135,25 @@ def test_archive_contents(store):
         manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]
         config = yaml.safe_load(mar.read("model-config.yaml"))
         meta = json.loads(mar.read("model_base_cnn.json"))
-    assert {"handler.py", "base_cnn.py", "index_to_name.json", "model_base_cnn.pth",
-            "model_base_cnn.json", "model-config.yaml"} <= names
-    assert manifest["handler"] == "handler.py" and manifest["modelFile"] == "base_cnn.py"
-    assert manifest["serializedFile"] == "model_base_cnn.pth" and manifest["configFile"] == "model-config.yaml"
+    assert names == {"handler.py", "index_to_name.json", "model_base_cnn.onnx", "model_base_cnn.json",
+                     "model-config.yaml", "MAR-INF/MANIFEST.json"}
+    assert manifest["handler"] == "handler.py" and "modelFile" not in manifest
+    assert manifest["serializedFile"] == "model_base_cnn.onnx" and manifest["configFile"] == "model-config.yaml"
     assert config["batchSize"] == 4 and config["minWorkers"] == 1
     assert meta["conv_net"] == "base_cnn" and meta["img_size"] == IMG_SIZE
+    with zipfile.ZipFile(os.path.join(store, "vgg.mar")) as mar:  # --backend torch
+        manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]
+    assert manifest["serializedFile"] == "model_vgg.pth" and manifest["modelFile"] == "vgg.py"
+
+
+def test_each_archive_runs_its_engine(server, vgg_server):
+    """ONNX Runtime for the ONNX archive, PyTorch for the state_dict one (no ONNX file): as describe and
+    the worker's log say."""
+    for ts, name, engine in ((server, "base_cnn", "onnx"), (vgg_server, "vgg", "torch")):
+        described = requests.post(ts.predict_url(name), data=fixture_bytes("1.jpg"), headers={"describe": "True"},
+                                  timeout=300).json()
+        assert described["engine"] == engine and described["img_size"] == IMG_SIZE
+        assert "%s ready: %s engine" % (name, engine) in ts.model_log()
 
 
 @pytest.mark.parametrize("name", ["base_cnn", "vgg", "efficientnet_lite0"])
@@ -183,32 +200,44 @@ def test_answers_equal_the_project_code(request, checkpoints, model):
         assert_answer(requests.post(ts.predict_url(model), data=data, timeout=120), prob)
 
 
-def _extract_checkpoint(mar_path, directory):
-    """The weights and meta JSON an archive serves, as files predict_main.py can read."""
+def _extract_checkpoint(mar_path, directory, source_weights=None):
+    """(conv_net, weights predict_main.py can read, its backend) of what an archive serves.
+
+    A torch archive carries its state_dict; an ONNX archive carries an export, whose metadata
+    names the checkpoint it came from by SHA-256: `source_weights`, or else the shipped weights.
+    """
     with zipfile.ZipFile(mar_path) as mar:
         manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]
-        weights = manifest["serializedFile"]
-        meta = os.path.splitext(weights)[0] + ".json"
-        mar.extract(weights, directory)
+        serialized = manifest["serializedFile"]
+        meta = os.path.splitext(serialized)[0] + ".json"
+        mar.extract(serialized, directory)
         if meta in mar.namelist():
             mar.extract(meta, directory)
-        conv_net = os.path.splitext(manifest["modelFile"])[0]
-    return conv_net, os.path.join(directory, weights)
+    if not serialized.endswith(".onnx"):
+        return os.path.splitext(manifest["modelFile"])[0], os.path.join(directory, serialized), "torch"
+    from models.inference import file_sha256, onnx_metadata
+    from models.handler import onnx_session
+    source = onnx_metadata(onnx_session(os.path.join(directory, serialized)))
+    conv_net = source["conv_net"]
+    weights = source_weights or os.path.join(REPO_ROOT, "models", conv_net, source["source"])
+    assert os.path.isfile(weights) and file_sha256(weights) == source["source_sha256"], \
+        "%s was not exported from %s" % (mar_path, weights)
+    return conv_net, weights, "onnx"
 
 
 @pytest.mark.skipif(not SHIPPED, reason="no archives in deployment/model-store yet (deployment/archive.sh)")
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_archive_answers_like_the_project_code(shipped_server, tmp_path, name):
-    conv_net, weights = _extract_checkpoint(os.path.join(SHIPPED_STORE, name + ".mar"), str(tmp_path))
+    conv_net, weights, _ = _extract_checkpoint(os.path.join(SHIPPED_STORE, name + ".mar"), str(tmp_path))
     images = [fixture_bytes(n) for n in TEST1]
     for data, prob in zip(images, expected_dog_probabilities(conv_net, weights, images)):
         assert_answer(requests.post(shipped_server.predict_url("shipped_" + name), data=data, timeout=300), prob)
 
 
-def _predict_main(conv_net, weights, img_dir, csv_path):
+def _predict_main(conv_net, weights, img_dir, csv_path, backend):
     """predict_main.py's interface: id,label rows where label is P(dog)."""
     subprocess.run([sys.executable, os.path.join(REPO_ROOT, "predict_main.py"), "--conv_net", conv_net,
-                    "--model_path", weights, "--img_dir", img_dir, "--csv", csv_path],
+                    "--model_path", weights, "--img_dir", img_dir, "--csv", csv_path, "--backend", backend],
                    cwd=REPO_ROOT, check=True, timeout=600)
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
@@ -223,15 +252,16 @@ PREDICT_MAIN_CASES = [("base_cnn", None), ("vgg", None)] + [(None, name) for nam
 @pytest.mark.parametrize("test_model,shipped", PREDICT_MAIN_CASES,
                          ids=[m or "shipped_" + s for m, s in PREDICT_MAIN_CASES])
 def test_answers_equal_predict_main(request, checkpoints, tmp_path, test_model, shipped):
-    """The served probability equals predict_main.py's for the same image and weights."""
+    """The served probability equals predict_main.py's with the same engine, for the same image and weights."""
     if shipped:
         ts = request.getfixturevalue("shipped_server")
-        conv_net, weights = _extract_checkpoint(os.path.join(SHIPPED_STORE, shipped + ".mar"), str(tmp_path))
-        served_as = "shipped_" + shipped
+        archive_path, served_as = os.path.join(SHIPPED_STORE, shipped + ".mar"), "shipped_" + shipped
     else:
         ts = request.getfixturevalue(SERVER_OF[test_model])
-        conv_net, weights, served_as = test_model, checkpoints[test_model], test_model
-    predicted = _predict_main(conv_net, weights, TEST1_DIR, str(tmp_path / "predictions.csv"))
+        archive_path, served_as = os.path.join(request.getfixturevalue("store"), test_model + ".mar"), test_model
+    conv_net, weights, backend = _extract_checkpoint(archive_path, str(tmp_path / "unpacked"),
+                                                     None if shipped else checkpoints[test_model])
+    predicted = _predict_main(conv_net, weights, TEST1_DIR, str(tmp_path / "predictions.csv"), backend)
     assert sorted(predicted) == sorted(os.path.splitext(n)[0] for n in TEST1)
     for name in TEST1:
         response = requests.post(ts.predict_url(served_as), data=fixture_bytes(name), timeout=300)
@@ -418,56 +448,17 @@ def test_explanations_are_refused(server):
 
 # ---- load and faults -----------------------------------------------------------------------------------
 
-def _hammer(url, payloads, total, concurrency, on_done=None, deadline_s=600):
-    """POST total requests (cycling through payloads) from `concurrency` threads.
-    Returns [(start, end, status or exception name, index)]."""
-    results = []
-    lock = threading.Lock()
-    counter = iter(range(total))
-    local = threading.local()
-    stop_at = time.monotonic() + deadline_s
-
-    def worker():
-        local.session = requests.Session()
-        while time.monotonic() < stop_at:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                return
-            start = time.monotonic()
-            try:
-                status = local.session.post(url, data=payloads[i % len(payloads)], timeout=120).status_code
-            except requests.RequestException as exc:
-                status = type(exc).__name__
-                local.session = requests.Session()
-            with lock:
-                results.append((start, time.monotonic(), status, i))
-            if on_done is not None:
-                on_done(len(results))
-
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(deadline_s + 150)
-    return results
-
-
-def _percentile(values, q):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, int(round(q / 100.0 * len(ordered))) - 1))]
-
-
 def test_load_1000_requests_at_concurrency_16(server, capsys):
     start = time.monotonic()
-    results = _hammer(server.predict_url("base_cnn"), good_images(), total=1000, concurrency=16)
+    results = send_requests(server.predict_url("base_cnn"), good_images(), total=1000, concurrency=16,
+                            max_seconds=600)
     wall = time.monotonic() - start
-    errors = [r for r in results if r[2] != 200]
-    latencies_ms = [(end - begin) * 1000 for begin, end, _, _ in results]
+    errors = [r for r in results if r.status != 200]
+    latencies_ms = [(r.end - r.start) * 1000 for r in results]
     with capsys.disabled():
         print("\nload: %d requests, concurrency 16, %.1f s, %.0f req/s; latency p50 %.0f ms, p99 %.0f ms, "
               "max %.0f ms; errors %d" % (len(results), wall, len(results) / wall,
-                                          _percentile(latencies_ms, 50), _percentile(latencies_ms, 99),
+                                          percentile(latencies_ms, 50), percentile(latencies_ms, 99),
                                           max(latencies_ms), len(errors)))
     assert len(results) == 1000
     assert errors == []
@@ -493,7 +484,8 @@ def test_worker_killed_during_load_is_restarted(server, capsys):
 
     results = []
     runner = threading.Thread(target=lambda: results.extend(
-        _hammer(url, good_images(), total=total, concurrency=concurrency, on_done=on_done)))
+        send_requests(url, good_images(), total=total, concurrency=concurrency, max_seconds=600,
+                      on_done=on_done)))
     runner.start()
     assert killed.wait(300), "load never reached the kill point"
     new_pid, = server.wait_ready("base_cnn", exclude_pids=(old_pid,), timeout=300)
@@ -502,17 +494,17 @@ def test_worker_killed_during_load_is_restarted(server, capsys):
     assert not runner.is_alive()
 
     kill_time = state["kill_time"]
-    in_flight = sum(1 for begin, end, _, _ in results if begin <= kill_time < end)
-    failed = [r for r in results if r[2] != 200]
-    after_recovery = [r for r in results if r[0] >= recovered_at]
+    in_flight = sum(1 for r in results if r.start <= kill_time < r.end)
+    failed = [r for r in results if r.status != 200]
+    after_recovery = [r for r in results if r.start >= recovered_at]
     with capsys.disabled():
         print("\nfault: killed worker %d after %d answers; %d requests in flight; %d failed (%s); "
               "replacement worker %d ready after %.1f s; %d requests sent after recovery"
-              % (old_pid, 40, in_flight, len(failed), sorted(set(str(r[2]) for r in failed)), new_pid,
+              % (old_pid, 40, in_flight, len(failed), sorted(set(str(r.status) for r in failed)), new_pid,
                  recovered_at - kill_time, len(after_recovery)))
     assert new_pid != old_pid
     assert len(results) == total
     assert len(failed) <= in_flight
-    assert after_recovery and all(r[2] == 200 for r in after_recovery)
+    assert after_recovery and all(r.status == 200 for r in after_recovery)
     final = requests.post(url, data=fixture_bytes("2124.jpg"), timeout=120)
     assert final.status_code == 200

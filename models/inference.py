@@ -1,0 +1,260 @@
+"""Inference: an image (path or bytes) -> the one decode and preprocessing -> an engine -> probabilities.
+
+predict_main.py, evaluate_main.py and bench/ use this module; the TorchServe handler runs the
+same decode, preprocessing and engines (they are defined in models/handler.py, which an
+archive must carry alone).
+
+Engines ("backends"):
+  onnx   ONNX Runtime on an ONNX export of the checkpoint: the default wherever onnxruntime
+         is installed. On a 2-core AVX2 CPU it runs EfficientNet-Lite0 about 4x faster than
+         PyTorch eager (docs/benchmarks.md).
+  torch  PyTorch eager on the checkpoint itself: the reference, the fallback, and the engine
+         for CUDA.
+
+The ONNX file lives beside its checkpoint (models/base_cnn/model_base_cnn.onnx) and records
+the SHA-256 of the weights it was exported from. A missing or stale one is exported again,
+and every export is checked against PyTorch on real images: probabilities within 1e-4, or
+the export fails.
+"""
+import contextlib
+import hashlib
+import io
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models import CLASSES, SAMPLE_IMAGES, load_trained
+from models.checkpoint import CheckpointError, atomic_write_bytes, read_meta
+from models.handler import ENGINES, ONNX_RUNTIME_MISSING, onnx_engine, onnx_img_size, onnx_session, torch_engine
+from models.transforms import ImageDecodeError, eval_transform, open_rgb
+
+BACKENDS = ENGINES  # ("onnx", "torch")
+EXPORT_ATOL = 1e-4  # largest allowed difference of any probability between ONNX Runtime and torch
+OPSET = 18
+
+
+class ExportError(RuntimeError):
+    """An ONNX export failed or does not compute what the checkpoint computes."""
+
+
+def onnx_available():
+    try:
+        import onnxruntime  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def default_backend():
+    """onnx where ONNX Runtime is installed, else torch."""
+    return "onnx" if onnx_available() else "torch"
+
+
+def onnx_path(model_path):
+    """Where the ONNX export of a checkpoint lives: beside it, same stem."""
+    return os.path.splitext(model_path)[0] + ".onnx"
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def onnx_metadata(session):
+    return dict(session.get_modelmeta().custom_metadata_map)
+
+
+def current_onnx(model_path, threads=0):
+    """An ONNX Runtime session on the export beside `model_path` when it was made from these very
+    weights, else None (missing, stale, or unreadable)."""
+    path = onnx_path(model_path)
+    if not os.path.isfile(path):
+        return None
+    if not onnx_available():
+        raise RuntimeError(ONNX_RUNTIME_MISSING)
+    try:
+        session = onnx_session(path, threads)
+    except Exception:  # a damaged or foreign file: export again
+        return None
+    if onnx_metadata(session).get("source_sha256") != file_sha256(model_path):
+        return None
+    return session
+
+
+# ---- export ----------------------------------------------------------------------------------
+
+def sample_batch(img_size, folder=SAMPLE_IMAGES, limit=32):
+    """Preprocessed real images from `folder` (recursively), at most `limit`, as one batch."""
+    from dataset import IMAGE_EXTENSIONS
+    paths = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
+                   if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)[:limit]
+    if not paths:
+        raise ExportError("no images in %s to check the export on" % folder)
+    transform = eval_transform(img_size)
+    return torch.stack([transform(open_rgb(p, img_size)) for p in paths])
+
+
+def export_onnx(conv_net, model_path, out_path=None, check_images=SAMPLE_IMAGES, atol=EXPORT_ATOL):
+    """Export the checkpoint to ONNX (dynamic batch axis, fixed image side), check it, write it atomically.
+
+    The check runs ONNX Runtime and torch on real images, one at a time and as one batch:
+    any probability differing by more than `atol` raises ExportError and nothing is written.
+    Returns (path written, largest difference seen).
+    """
+    out_path = out_path or onnx_path(model_path)
+    model, img_size = load_trained(conv_net, model_path)
+    meta = read_meta(model_path)
+    batch = sample_batch(img_size, check_images)
+    dim = torch.export.Dim("batch", min=1, max=4096)
+    quiet = io.StringIO()
+    try:
+        # The exporter prints its progress and warnings; they are shown only when it fails.
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            program = torch.onnx.export(model, (batch[:2],), input_names=["image"], output_names=["logits"],
+                                        dynamic_shapes=({0: dim},), opset_version=OPSET, dynamo=True,
+                                        external_data=False, verbose=False)
+            program.optimize()
+    except Exception as exc:
+        raise ExportError("exporting %s to ONNX failed: %s\n%s" % (model_path, exc, quiet.getvalue()[-2000:]))
+    proto = program.model_proto
+    for key, value in (("conv_net", conv_net), ("img_size", str(img_size)),
+                       ("classes", ",".join(meta.get("classes") or CLASSES)),
+                       ("source", os.path.basename(model_path)), ("source_sha256", file_sha256(model_path)),
+                       ("torch", torch.__version__)):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    data = proto.SerializeToString()
+
+    import onnxruntime
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    run = onnx_engine(session)
+    with torch.inference_mode():
+        expected = F.softmax(model(batch), dim=1)
+    got_batch = F.softmax(run(batch), dim=1)
+    got_single = torch.cat([F.softmax(run(batch[i:i + 1]), dim=1) for i in range(len(batch))])
+    worst = max(float((got_batch - expected).abs().max()), float((got_single - expected).abs().max()))
+    if not worst <= atol:  # also catches NaN
+        raise ExportError("the ONNX export of %s differs from torch by %.2g on %d real images (limit %.0e)"
+                          % (model_path, worst, len(batch), atol))
+    atomic_write_bytes(data, out_path)
+    return out_path, worst
+
+
+def ensure_onnx(conv_net, model_path, threads=0, log=None):
+    """A session on an up-to-date ONNX export of `model_path`: the one beside it, or a fresh export.
+
+    A fresh export goes beside the checkpoint, or to a temporary folder when that one is not
+    writable; either way a line on `log` says so.
+    """
+    log = log or sys.stderr
+    session = current_onnx(model_path, threads)
+    if session is not None:
+        return session, onnx_path(model_path)
+    target = onnx_path(model_path)
+    if not os.access(os.path.dirname(os.path.abspath(target)), os.W_OK):
+        target = os.path.join(tempfile.mkdtemp(prefix="onnx-"), os.path.basename(target))
+    start = time.time()
+    print("exporting %s to ONNX (%s is missing or older than the weights) ..." % (model_path, target), file=log)
+    path, worst = export_onnx(conv_net, model_path, target)
+    print("wrote %s in %.0f s (largest probability difference from torch: %.1e)" % (path, time.time() - start, worst),
+          file=log)
+    return onnx_session(path, threads), path
+
+
+# ---- prediction --------------------------------------------------------------------------------
+
+class Predictor:
+    """A trained model behind one engine, plus what its checkpoint says about it (size, classes)."""
+
+    def __init__(self, conv_net, model_path, backend=None, threads=0, device="cpu"):
+        if not os.path.isfile(model_path):
+            raise CheckpointError("no checkpoint at %s (train one with train_main.py --conv_net %s, "
+                                  "or pass --model_path)" % (model_path, conv_net))
+        backend = backend or default_backend()
+        if backend not in BACKENDS:
+            raise ValueError("backend must be one of %s, not %r" % (BACKENDS, backend))
+        if backend == "onnx" and torch.device(device).type != "cpu":
+            raise CheckpointError("the onnx backend runs on the CPU here; use --backend torch for %s" % device)
+        if threads:
+            torch.set_num_threads(threads)
+        self.meta = read_meta(model_path)
+        self.classes = tuple(self.meta.get("classes") or CLASSES)
+        if "dog" not in self.classes:
+            raise CheckpointError("%s: its classes %s have no 'dog'" % (model_path, list(self.classes)))
+        self.dog_index = self.classes.index("dog")
+        self.conv_net, self.model_path, self.backend, self.device = conv_net, model_path, backend, device
+        model, self.img_size = load_trained(conv_net, model_path)  # also checks the checkpoint fits conv_net
+        if backend == "onnx":
+            try:
+                session, self.onnx_path = ensure_onnx(conv_net, model_path, threads)
+            except ImportError as exc:  # onnxscript/onnx, needed only to export
+                raise CheckpointError("cannot export %s to ONNX: %s (pip install -r requirements.txt, "
+                                      "or use --backend torch)" % (model_path, exc))
+            except (ExportError, RuntimeError) as exc:
+                raise CheckpointError(str(exc).splitlines()[0])
+            exported = onnx_img_size(session)
+            if exported != self.img_size:
+                raise CheckpointError("%s takes %s px images, the checkpoint %d px" % (self.onnx_path, exported,
+                                                                                       self.img_size))
+            self.run = onnx_engine(session)
+        else:
+            self.run = torch_engine(model, device)
+        self.transform = eval_transform(self.img_size)
+
+    def probabilities(self, batch):
+        """Normalized N x 3 x S x S batch -> N x classes softmax probabilities (float32, CPU)."""
+        return F.softmax(self.run(batch), dim=1)
+
+    def preprocess(self, source):
+        """A path, bytes or file object -> the model's input tensor (raises ImageDecodeError, OSError)."""
+        return self.transform(open_rgb(source, self.img_size))
+
+    def classify(self, source):
+        """Probabilities (a list, in the order of self.classes) of one image."""
+        return self.probabilities(self.preprocess(source).unsqueeze(0))[0].tolist()
+
+    def decode(self, path):
+        """(model input tensor, None), or (None, why) for a file that is not an image we can read."""
+        try:
+            return self.preprocess(path), None
+        except ImageDecodeError as exc:
+            return None, str(exc)
+        except OSError as exc:  # unreadable file (permissions, a broken symbolic link, ...)
+            from dataset import read_error
+            return None, read_error(path, exc)
+
+    def predict_files(self, paths, batch_size=32, num_workers=2, desc="predicting"):
+        """[(path, probabilities as a list, or None)] in the order of `paths`.
+
+        Decoding runs in `num_workers` threads (Pillow and torch release the GIL), one batch
+        ahead of the engine. Threads, not processes: nothing goes through /dev/shm, which is
+        64 MB in a default Docker container. Files that cannot be decoded are named on stderr
+        and get None; they never stop the run.
+        """
+        batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+        results = []
+        with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool, \
+                tqdm(total=len(paths), desc=desc, unit="img", leave=False, mininterval=1.0, file=sys.stderr) as bar:
+            pending = [pool.submit(self.decode, p) for p in batches[0]] if batches else []
+            for b, batch in enumerate(batches):
+                decoded = [future.result() for future in pending]
+                if b + 1 < len(batches):  # the next batch decodes while this one runs
+                    pending = [pool.submit(self.decode, p) for p in batches[b + 1]]
+                good = [k for k, (tensor, _) in enumerate(decoded) if tensor is not None]
+                probs = self.probabilities(torch.stack([decoded[k][0] for k in good])).tolist() if good else []
+                by_index = dict(zip(good, probs))
+                for k, (path, (_, error)) in enumerate(zip(batch, decoded)):
+                    if error is not None:
+                        tqdm.write("warning: skipping %s: %s" % (path, error), file=sys.stderr)
+                    results.append((path, by_index.get(k)))
+                bar.update(len(batch))
+        return results

@@ -1,0 +1,182 @@
+"""models/inference.py and the engines: ONNX export checked against torch, current/stale exports,
+--backend on predict, both kinds of archive, and the handler on an ONNX model."""
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+import zipfile
+
+import pytest
+import torch
+
+from models import CLASSES, build_model, set_serving_size
+from models.checkpoint import save_model
+from models.inference import (ExportError, Predictor, current_onnx, default_backend, export_onnx, file_sha256,
+                              onnx_metadata, onnx_path)
+from tests.serving_utils import REPO_ROOT, TEST1_DIR, TRAIN_DIR, fixture_bytes, run_archive
+
+IMAGES = sorted(os.path.join(d, n) for d in (TEST1_DIR, TRAIN_DIR) for n in os.listdir(d))
+
+
+def saved(path, conv_net="base_cnn", img_size=32, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(conv_net)
+    set_serving_size(model, img_size)
+    save_model(model, dict(conv_net=conv_net, img_size=img_size, classes=list(CLASSES), dropout=0.1), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return saved(tmp_path_factory.mktemp("onnx") / "model_base_cnn.pth")
+
+
+def probabilities(predictor):
+    return torch.tensor([probs for _, probs in predictor.predict_files(IMAGES, batch_size=5, num_workers=0)])
+
+
+def test_onnx_runtime_is_the_default_backend():
+    assert default_backend() == "onnx"
+
+
+def test_export_computes_what_torch_computes_at_any_batch_size(checkpoint):
+    path, worst = export_onnx("base_cnn", checkpoint)
+    assert path == onnx_path(checkpoint) and worst <= 1e-4
+    onnx, reference = Predictor("base_cnn", checkpoint, "onnx"), Predictor("base_cnn", checkpoint, "torch")
+    assert onnx.onnx_path == path and onnx.img_size == reference.img_size == 32
+    assert (probabilities(onnx) - probabilities(reference)).abs().max() <= 1e-4  # batches of 5 and a last one of 3
+    single = torch.tensor([onnx.classify(p) for p in IMAGES[:3]])
+    assert (single - probabilities(reference)[:3]).abs().max() <= 1e-4
+    meta = onnx_metadata(current_onnx(checkpoint))
+    assert meta["source_sha256"] == file_sha256(checkpoint) and meta["conv_net"] == "base_cnn"
+    assert meta["img_size"] == "32" and meta["classes"] == "cat,dog"
+
+
+def test_stale_export_is_replaced_from_the_new_weights(tmp_path, capsys):
+    model_path = saved(tmp_path / "model_base_cnn.pth", seed=1)
+    export_onnx("base_cnn", model_path)
+    saved(model_path, seed=2)  # retrained: the export beside it no longer matches
+    assert current_onnx(model_path) is None
+    onnx = Predictor("base_cnn", model_path, "onnx")
+    assert "missing or older than the weights" in capsys.readouterr().err
+    assert current_onnx(model_path) is not None
+    assert (probabilities(onnx) - probabilities(Predictor("base_cnn", model_path, "torch"))).abs().max() <= 1e-4
+
+
+def test_an_export_outside_the_limit_fails_and_writes_nothing(tmp_path):
+    model_path = saved(tmp_path / "model_base_cnn.pth")
+    with pytest.raises(ExportError, match="differs from torch"):
+        export_onnx("base_cnn", model_path, atol=-1.0)  # a limit no export meets: the comparison decides
+    assert not os.path.exists(onnx_path(model_path))
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp")] == []
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable] + list(args), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=600)
+
+
+def test_export_main_writes_once_and_says_when_current(tmp_path):
+    model_path = saved(tmp_path / "model_base_cnn.pth")
+    first = run_cli("export_main.py", "--model_path", model_path)
+    assert first.returncode == 0 and "wrote %s" % onnx_path(model_path) in first.stdout, first.stderr
+    mtime = os.stat(onnx_path(model_path)).st_mtime_ns
+    again = run_cli("export_main.py", "--model_path", model_path)
+    assert again.returncode == 0 and "is current" in again.stdout
+    assert os.stat(onnx_path(model_path)).st_mtime_ns == mtime
+    missing = run_cli("export_main.py", "--model_path", str(tmp_path / "nope.pth"))
+    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0 and "no checkpoint" in missing.stderr
+
+
+def test_predict_backends_write_the_same_submission(checkpoint, tmp_path):
+    rows = {}
+    for backend in ("onnx", "torch"):
+        out = tmp_path / ("%s.csv" % backend)
+        result = run_cli("predict_main.py", "--model_path", checkpoint, "--img_dir", TEST1_DIR, "--csv", str(out),
+                         "--backend", backend, "--threads", "1")
+        assert result.returncode == 0, result.stderr
+        with open(out) as f:
+            rows[backend] = {r["id"]: float(r["label"]) for r in csv.DictReader(f)}
+    assert rows["onnx"].keys() == rows["torch"].keys() and len(rows["onnx"]) == len(os.listdir(TEST1_DIR))
+    assert max(abs(rows["onnx"][k] - rows["torch"][k]) for k in rows["onnx"]) <= 1e-4
+
+
+def manifest(archive_path):
+    with zipfile.ZipFile(archive_path) as z:
+        return json.loads(z.read("MAR-INF/MANIFEST.json"))["model"], sorted(z.namelist())
+
+
+def test_archive_backends_and_an_unchanged_rebuild(checkpoint, tmp_path):
+    onnx_store, torch_store = str(tmp_path / "onnx"), str(tmp_path / "torch")
+    for args in (["--export-path", onnx_store], ["--backend", "torch", "--export-path", torch_store]):
+        result = run_archive(*(args + ["base_cnn=%s" % checkpoint]))
+        assert result.returncode == 0, result.stdout
+    model, names = manifest(os.path.join(onnx_store, "base_cnn.mar"))
+    assert model["serializedFile"] == "model_base_cnn.onnx" and "modelFile" not in model
+    assert "base_cnn.py" not in names and "handler.py" in names and "model_base_cnn.json" in names
+    model, names = manifest(os.path.join(torch_store, "base_cnn.mar"))
+    assert model["serializedFile"] == "model_base_cnn.pth" and model["modelFile"] == "base_cnn.py"
+    # Rebuilding an unchanged model leaves the archive as it is (a tracked .mar stays clean).
+    before = open(os.path.join(onnx_store, "base_cnn.mar"), "rb").read()
+    result = run_archive("--export-path", onnx_store, "base_cnn=%s" % checkpoint)
+    assert result.returncode == 0 and "unchanged" in result.stdout, result.stdout
+    assert open(os.path.join(onnx_store, "base_cnn.mar"), "rb").read() == before
+    bad = run_archive("--backend", "tensorrt", "base_cnn=%s" % checkpoint)
+    assert bad.returncode == 2 and "--backend must be onnx or torch" in bad.stdout
+
+
+# ---- the handler on an ONNX model -------------------------------------------------------------------
+
+def test_handler_serves_an_onnx_model_like_the_torch_one(checkpoint, tmp_path):
+    ts_context = pytest.importorskip("ts.context")
+    from ts.metrics.metrics_store import MetricsStore
+
+    from models.handler import DogsVsCatsHandler
+    export_onnx("base_cnn", checkpoint)
+    model_dir = tmp_path / "unpacked"
+    model_dir.mkdir()
+    for path in (onnx_path(checkpoint), os.path.splitext(checkpoint)[0] + ".json",
+                 os.path.join(REPO_ROOT, "models", "index_to_name.json")):
+        shutil.copy(path, str(model_dir))
+    manifest = {"model": {"modelName": "base_cnn", "serializedFile": "model_base_cnn.onnx", "handler": "handler.py",
+                          "modelVersion": "1.0"}}
+    context = ts_context.Context("base_cnn", str(model_dir), manifest, 2, None, "0.12.0", True,
+                                 MetricsStore(uuid.uuid4(), "base_cnn"), {"handler": {"threads": 1, "spin": False}})
+    handler = DogsVsCatsHandler()
+    handler.initialize(context)
+    assert handler.engine == "onnx" and handler.img_size == 32
+    images = [fixture_bytes(n) for n in ("1.jpg", "2.jpg", "3.jpg", "2124.jpg")] + [b"not an image"]
+    context.request_processor = [ts_context.RequestProcessor({}) for _ in images]
+    answers = handler.handle([{"body": b} for b in images], context)
+    assert context.get_response_status(4)[0] == 415  # a bad request still fails alone
+    reference = Predictor("base_cnn", checkpoint, "torch")
+    for data, answer in zip(images[:4], answers[:4]):
+        (label, p), = json.loads(answer).items()
+        assert p == pytest.approx(reference.classify(data)[CLASSES.index(label)], abs=1e-4)
+
+
+def test_an_onnx_model_without_onnx_runtime_says_what_to_install(checkpoint):
+    export_onnx("base_cnn", checkpoint)
+    code = ("import sys; sys.modules['onnxruntime'] = None\n"
+            "from models.handler import onnx_session\n"
+            "try:\n    onnx_session(sys.argv[1])\nexcept RuntimeError as exc:\n    print(exc)\n")
+    result = subprocess.run([sys.executable, "-c", code, onnx_path(checkpoint)], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, universal_newlines=True, timeout=120)
+    assert "pip install onnxruntime" in result.stdout and "--backend torch" in result.stdout
+
+
+SHIPPED = [name for name in ("base_cnn", "efficientnet_lite0")
+           if os.path.isfile(os.path.join(REPO_ROOT, "models", name, "model_%s.pth" % name))]
+
+
+@pytest.mark.parametrize("conv_net", SHIPPED)
+def test_shipped_export_is_current_and_agrees_with_torch(conv_net):
+    """The shipped .onnx beside the shipped weights was exported from them, and computes what they compute."""
+    weights = os.path.join(REPO_ROOT, "models", conv_net, "model_%s.pth" % conv_net)
+    assert current_onnx(weights) is not None, "stale or missing: python export_main.py --conv_net %s" % conv_net
+    onnx, reference = Predictor(conv_net, weights, "onnx"), Predictor(conv_net, weights, "torch")
+    assert onnx.onnx_path == onnx_path(weights)
+    assert (probabilities(onnx) - probabilities(reference)).abs().max() <= 1e-4
