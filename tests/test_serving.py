@@ -304,6 +304,20 @@ BAD_INPUTS = {
 }
 
 
+def test_two_files_in_one_multipart_request(server, checkpoints):
+    """Two files under different names: the handler sees both and refuses (400). The same name twice:
+    TorchServe's Python worker keeps one of them in a dict before any handler runs (ts/service.py), so
+    it is answered for the last one. The second is TorchServe's behaviour, pinned here and documented."""
+    dog, cat = fixture_bytes("dog.0.jpg", TRAIN_DIR), fixture_bytes("cat.0.jpg", TRAIN_DIR)
+    url = server.predict_url("base_cnn")
+    refused = requests.post(url, files=[("data", ("dog.jpg", dog)), ("other", ("cat.jpg", cat))], timeout=300)
+    assert refused.status_code == 400 and read_json_response(refused)["type"] == "TooManyFiles", refused.text
+    same_name = requests.post(url, files=[("data", ("dog.jpg", dog)), ("data", ("cat.jpg", cat))], timeout=300)
+    want_dog, want_cat = expected_dog_probabilities("base_cnn", checkpoints["base_cnn"], [dog, cat])
+    assert_answer(same_name, want_cat)
+    assert abs(want_cat - want_dog) > 1e-5  # the two answers can be told apart
+
+
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_answers_4xx_and_the_worker_keeps_serving(server, checkpoints, case):
     make, status, error_type = BAD_INPUTS[case]
