@@ -578,10 +578,17 @@ def cmd_start(args):
     return 0
 
 
-def cmd_stop(args):
+def _running_state(args):
+    """The state of the server `start` left running, or None after saying that none runs."""
     state = _load_state(args)
     if not state:
         print("TorchServe is not running (nothing started by `make serve`)")
+    return state
+
+
+def cmd_stop(args):
+    state = _running_state(args)
+    if not state:
         return 0
     import psutil
     procs = list(state["procs"])
@@ -599,9 +606,8 @@ def cmd_stop(args):
 
 
 def cmd_status(args):
-    state = _load_state(args)
+    state = _running_state(args)
     if not state:
-        print("TorchServe is not running (nothing started by `make serve`)")
         return 1
     parts = []
     for model in state["models"]:

@@ -39,3 +39,16 @@ def assert_same_weights(a_dir, b_dir):
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), "%s differs in %s" % (key, name)
+
+
+def non_loopback_address():
+    """This machine's outgoing IPv4 address, or None when it has only loopback: what a server bound to
+    127.0.0.1 must not answer on."""
+    import socket
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))  # no packet is sent: this only picks the outgoing interface
+            address = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if address.startswith("127.") else address

@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from tests.serving_utils import REPO_ROOT, TEST1_DIR, fixture_bytes
+from tests.support import non_loopback_address
 
 import serving
 
@@ -92,18 +93,8 @@ def test_ping_and_bad_input_over_grpc(server, stubs):
         assert set(json.loads(ok.prediction)) <= {"cat", "dog"}
 
 
-def _non_loopback_address():
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("10.255.255.255", 1))  # no packet is sent: this only picks the outgoing interface
-            address = s.getsockname()[0]
-    except OSError:
-        return None
-    return None if address.startswith("127.") else address
-
-
 def test_grpc_ports_listen_on_loopback_only(server):
-    address = _non_loopback_address()
+    address = non_loopback_address()
     if address is None:
         pytest.skip("this machine has no non-loopback IPv4 address")
     for port in (server.grpc_inference_port, server.grpc_management_port):

@@ -27,6 +27,7 @@ import tempfile
 
 import pytest
 import requests
+import yaml
 
 from tests.serving_utils import REPO_ROOT, TEST1_DIR, VENV_BIN, fixture_bytes, free_port
 
@@ -255,7 +256,10 @@ def test_cli_start_status_second_start_and_stop(tmp_path):
         with open(state / "server.json") as f:
             pids = [pid for pid, _ in json.load(f)["processes"]]
         status = run_cli(state, "status")
-        assert status.returncode == 0 and "base_cnn 2/2 workers READY" in status.stdout, status.stdout
+        with open(os.path.join(REPO_ROOT, "deployment", "model-config", "base_cnn.yaml")) as f:
+            workers = yaml.safe_load(f)["minWorkers"]  # the archive's own model config
+        ready = "base_cnn %d/%d workers READY" % (workers, workers)
+        assert status.returncode == 0 and ready in status.stdout, status.stdout
         again = one_error_line(run_cli(state, *start))
         assert "already running" in again and "make stop" in again
         # a second server on the same config but another state directory: the port is busy

