@@ -9,97 +9,15 @@ the model got most confidently wrong. Inference is models.inference's, as in pre
 the same decoding, preprocessing, engine and batching as the submission CSV.
 """
 import json
-import math
 import os
-import sys
 
-from dataset import DataError, find_labeled_images, training_samples
-from models import CLASSES, MODELS
+from dataset import DataError, find_labeled_images
+from evaluation import score_samples, training_split
+from models import MODELS
 from models.checkpoint import CheckpointError, atomic_write_text, read_meta
 from parsers.evaluate_parser import build_parser
-from parsers import DEFAULT_DATA_DIR, fail
+from parsers import fail
 from parsers.predict_parser import open_predictor
-
-LOG_LOSS_EPS = 1e-15
-
-
-def log_loss(labels, p_dog, dog_index=1):
-    """Kaggle's binary log loss: -mean(y log p + (1 - y) log(1 - p)), p clipped to [eps, 1 - eps]."""
-    total = 0.0
-    for label, p in zip(labels, p_dog):
-        p = min(max(float(p), LOG_LOSS_EPS), 1 - LOG_LOSS_EPS)
-        total += -math.log(p) if label == dog_index else -math.log(1 - p)
-    return total / len(labels)
-
-
-def _ratio(numerator, denominator):
-    return numerator / denominator if denominator else None  # undefined, not 0: JSON null, '-' in the table
-
-
-def compute_metrics(labels, p_dog, predicted=None, classes=CLASSES, paths=None, worst=12):
-    """Every figure of the report, from true labels and the probability of dog of each image.
-
-    labels, predicted: class indices into `classes` (predicted defaults to dog when p_dog > 0.5).
-    confusion_matrix[t][p] counts images of true class t predicted as p.
-    """
-    if not labels:
-        raise ValueError("no predictions to score")
-    dog = classes.index("dog")
-    if predicted is None:
-        predicted = [dog if p > 0.5 else 1 - dog for p in p_dog]
-    n, k = len(labels), len(classes)
-    matrix = [[0] * k for _ in range(k)]
-    for t, p in zip(labels, predicted):
-        matrix[t][p] += 1
-    per_class = {}
-    for c, name in enumerate(classes):
-        per_class[name] = dict(precision=_ratio(matrix[c][c], sum(matrix[t][c] for t in range(k))),
-                               recall=_ratio(matrix[c][c], sum(matrix[c])), support=sum(matrix[c]))
-    # Most confidently wrong: the mistakes whose probability of dog is farthest from the truth.
-    paths = paths or [None] * n
-    mistakes = [dict(path=path, true=classes[t], predicted=classes[p], p_dog=q)
-                for path, t, p, q in zip(paths, labels, predicted, p_dog) if t != p]
-    mistakes.sort(key=lambda m: -abs((1.0 if m["true"] == "dog" else 0.0) - m["p_dog"]))
-    return dict(images=n, accuracy=sum(t == p for t, p in zip(labels, predicted)) / n,
-                log_loss=log_loss(labels, p_dog, dog), classes=list(classes), confusion_matrix=matrix,
-                per_class=per_class, mistakes=len(mistakes), worst_mistakes=mistakes[:worst])
-
-
-# ---- which images ---------------------------------------------------------------------------
-
-
-def training_split(meta, split, data_dir=None):
-    """Re-create the (train, val) split of train_main.py from the arguments it stored in the meta JSON.
-
-    Returns (data_dir, samples of `split`). Same folder, same validation_split and seed
-    -> the very same images (a dry run's few images included): dataset.training_samples, as training.
-    """
-    args = meta.get("args") or {}
-    if "validation_split" not in args or "seed" not in args:
-        raise DataError("the checkpoint's JSON does not record training's split (args.validation_split, "
-                        "args.seed); evaluate a labeled folder with --data_dir and --split all")
-    if not data_dir:
-        # The folder training recorded is where *that* machine kept the images (the shipped models
-        # say ../shared/...); on another machine the README puts them in data/train, train_main.py's
-        # default. Training's own folder wins where it exists, so a model trained here is scored on
-        # exactly its split.
-        recorded = args.get("data_dir")
-        candidates = [d for d in (recorded, DEFAULT_DATA_DIR) if d]
-        data_dir = next((d for d in candidates if os.path.isdir(d)), None)
-        if data_dir is None:
-            raise DataError("training's data folder %s is not here, nor is %s: pass --data_dir"
-                            % (recorded or "(not recorded)", DEFAULT_DATA_DIR))
-        if data_dir != recorded:
-            # The split is re-created from the file names: the same images only if this folder holds the
-            # same files as training's did (the shipped models: the 12,000-image subset, not Kaggle's 25,000).
-            print("warning: training's folder %s is not here; re-creating its split from %s (the same images only "
-                  "if it holds the same files)" % (recorded, data_dir), file=sys.stderr)
-    train, val = training_samples(data_dir, args["validation_split"], args["seed"], args.get("dry_run"),
-                                  args.get("batch_size"))
-    chosen = val if split == "val" else train
-    if not chosen:
-        raise DataError("training held out no validation images (--validation_split %g)" % args["validation_split"])
-    return data_dir, chosen
 
 
 def select_samples(args, meta):
@@ -112,24 +30,6 @@ def select_samples(args, meta):
 
 
 # ---- running, printing, writing -------------------------------------------------------------------
-
-def score_samples(predictor, samples, batch_size=32, num_workers=0, worst=12, desc="evaluating"):
-    """Predict every (path, label) and score it; undecodable files are named on stderr and skipped."""
-    results = predictor.predict_files([path for path, _ in samples], batch_size, num_workers, desc)
-    kept = [(path, label, probs) for (path, label), (_, probs) in zip(samples, results) if probs is not None]
-    if not kept:
-        raise DataError("none of the %d images could be decoded" % len(samples))
-    # dataset labels index models.CLASSES; the model's outputs index the classes it was trained with
-    if not set(CLASSES) <= set(predictor.classes):
-        raise DataError("the model's classes %s do not include %s" % (list(predictor.classes), list(CLASSES)))
-    to_model = [predictor.classes.index(name) for name in CLASSES]
-    labels = [to_model[label] for _, label, _ in kept]
-    predicted = [max(range(len(probs)), key=probs.__getitem__) for _, _, probs in kept]  # argmax, as training
-    p_dog = [probs[predictor.dog_index] for _, _, probs in kept]
-    metrics = compute_metrics(labels, p_dog, predicted, predictor.classes, [p for p, _, _ in kept], worst)
-    metrics["skipped"] = [path for (path, _), (_, probs) in zip(samples, results) if probs is None]
-    return metrics
-
 
 def _fmt(value, spec="%.4f"):
     return "-" if value is None else spec % value
