@@ -170,8 +170,10 @@ def test_shipped_model_configs(name):
 def test_shipped_config_is_loopback_only_and_locked_down():
     with open(SHIPPED_CONFIG) as f:
         settings = dict(line.strip().split("=", 1) for line in f if "=" in line and not line.startswith("#"))
-    for key in ("inference_address", "management_address", "metrics_address"):
+    for key in ("inference_address", "metrics_address"):
         assert settings[key].startswith("http://127.0.0.1:"), key
+    # the management API (it can scale a model to zero) on a Unix socket: no TCP port at all
+    assert settings["management_address"].startswith("unix:/"), settings["management_address"]
     assert settings["grpc_inference_address"] == settings["grpc_management_address"] == "127.0.0.1"
     assert settings["enable_model_api"] == "false"
     assert settings["allowed_urls"] == "^$"
