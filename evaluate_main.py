@@ -15,6 +15,7 @@ from dataset import DataError, find_labeled_images
 from evaluation import score_samples, training_split
 from models import MODELS
 from models.checkpoint import CheckpointError, atomic_write_text, read_meta
+from models.inference import require_checkpoint
 from parsers.evaluate_parser import build_parser
 from parsers import fail
 from parsers.predict_parser import open_predictor
@@ -134,10 +135,9 @@ def main(argv=None):
     model_path = args.model_path or MODELS[args.conv_net].default_model_path
     try:
         # Which images, before the model loads (and perhaps exports): a wrong folder fails at once.
-        data_dir, samples = select_samples(args, read_meta(model_path) if os.path.isfile(model_path) else {})
+        require_checkpoint(args.conv_net, model_path)
+        data_dir, samples = select_samples(args, read_meta(model_path))
     except (DataError, CheckpointError) as exc:
-        if not os.path.isfile(model_path):
-            open_predictor(args)  # says what is wrong with the checkpoint, which comes first
         fail(str(exc))
     predictor = open_predictor(args)
     try:

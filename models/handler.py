@@ -370,7 +370,6 @@ class DogsVsCatsHandler(object):
             session = onnx_session(os.path.join(model_dir, serialized), threads,
                                    spin=bool(handler_config.get("spin", True)))
             self.engine, self.run, weights_size = "onnx", onnx_engine(session), onnx_img_size(session)
-            self.model = None
         else:
             model = self._load_model(model_dir, manifest_model.get("modelFile"), serialized)
             buffer = getattr(model, "img_size", None)

@@ -172,13 +172,18 @@ def ensure_onnx(conv_net, model_path, threads=0, log=None):
 
 # ---- prediction --------------------------------------------------------------------------------
 
+def require_checkpoint(conv_net, model_path):
+    """CheckpointError saying how to get one when there is no checkpoint at `model_path`."""
+    if not os.path.isfile(model_path):
+        raise CheckpointError("no checkpoint at %s (train one with train_main.py --conv_net %s, "
+                              "or pass --model_path)" % (model_path, conv_net))
+
+
 class Predictor:
     """A trained model behind one engine, plus what its checkpoint says about it (size, classes)."""
 
     def __init__(self, conv_net, model_path, backend=None, threads=0, device="cpu"):
-        if not os.path.isfile(model_path):
-            raise CheckpointError("no checkpoint at %s (train one with train_main.py --conv_net %s, "
-                                  "or pass --model_path)" % (model_path, conv_net))
+        require_checkpoint(conv_net, model_path)
         backend = backend or default_backend()
         if backend not in BACKENDS:
             raise ValueError("backend must be one of %s, not %r" % (BACKENDS, backend))
