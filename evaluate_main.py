@@ -13,7 +13,7 @@ import os
 
 from dataset import DataError, find_labeled_images
 from evaluation import score_samples, training_split
-from models import MODELS
+from models import weights_path
 from models.checkpoint import CheckpointError, atomic_write_text, read_meta
 from models.inference import require_checkpoint
 from parsers.evaluate_parser import build_parser
@@ -52,6 +52,11 @@ def format_report(report):
     if training and training.get("val_acc") is not None:
         lines.append("training   val_acc %.4f  val_loss %.4f  (epoch %s, as recorded in the checkpoint's JSON)"
                      % (training["val_acc"], training["val_loss"], training.get("epoch")))
+    fitted = report.get("calibration")
+    if fitted:
+        lines.append("calibrated temperature %.3f, flip TTA %s: chosen on the validation split%s" % (
+            fitted["temperature"], "on" if fitted["flip_tta"] else "off",
+            ", so its figures above are optimistic" if report["split"] == "val" else ""))
     width = max(9, max(len(c) for c in classes) + 2)
     lines += ["", "confusion matrix (rows: true class, columns: predicted)",
               " " * width + "".join(c.rjust(width) for c in classes)]
@@ -132,7 +137,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.data_dir and not os.path.isdir(args.data_dir):
         fail("data folder not found: %s" % args.data_dir)
-    model_path = args.model_path or MODELS[args.conv_net].default_model_path
+    model_path = weights_path(args.conv_net, args.model_path)
     try:
         # Which images, before the model loads (and perhaps exports): a wrong folder fails at once.
         require_checkpoint(args.conv_net, model_path)
@@ -147,6 +152,9 @@ def main(argv=None):
         fail(str(exc))
     report = dict(conv_net=predictor.conv_net, model_path=predictor.model_path, img_size=predictor.img_size,
                   data_dir=data_dir, split=args.split, **metrics)
+    calibrated = predictor.meta.get("calibration")
+    if calibrated:
+        report["calibration"] = dict(temperature=calibrated["temperature"], flip_tta=calibrated["flip_tta"])
     if args.split == "val":
         meta = predictor.meta
         report["training"] = dict(epoch=meta.get("epoch"), val_acc=meta.get("val_acc"), val_loss=meta.get("val_loss"))

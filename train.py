@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import calibration
 from models.checkpoint import (CheckpointError, atomic_torch_save, atomic_write, atomic_write_text, keep_previous,
-                               load_checkpoint, one_line, save_model, sidecar_path)
+                               load_checkpoint, one_line, read_meta, save_model, sidecar_path)
 from distributed import Cluster
 from models.transforms import normalize
 from parsers.train_parser import RESUME_IGNORES, RESUME_MAY_CHANGE, build_parser, option_name
@@ -206,6 +207,7 @@ class Trainer:
         self.config, self.meta = config, meta
         self.device, self.precision = device, precision
         self.start_epoch, self.best_loss, self.history = 1, None, []
+        self.best_state = None  # the best epoch's weights, on every rank (only rank 0 writes them)
         self.paths = {
             "model": config.model_path,
             "resume": resume_path(config.model_path),
@@ -279,6 +281,7 @@ class Trainer:
             row["saved"] = is_improvement(self.best_loss, score)
             if row["saved"]:
                 self.best_loss = score
+                self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             if row["saved"] and self.cluster.is_main:  # every rank holds the same weights: rank 0 writes
                 if epoch == 1:  # a fresh run (a resumed one starts later): keep whatever was there
                     kept = keep_previous(self.paths["model"])
@@ -292,6 +295,26 @@ class Trainer:
                 self._write_reports()
                 print(format_epoch(row), flush=True)
         return self.history
+
+    def calibrate(self):
+        """After the last epoch: fit the best weights' calibration on the validation split
+        (calibration.py: a temperature, and flip TTA if it pays) and save them again with it,
+        the report in their meta JSON. Returns the report; None, changing nothing, for a model
+        without calibration or a run without a validation split."""
+        if self.val_set is None or not calibration.supports_calibration(self.model):
+            return None
+        # A resumed run that had nothing left to train has no best weights in memory: they are on disk.
+        best = self.best_state if self.best_state is not None else load_checkpoint(self.paths["model"])
+        self.model.load_state_dict(best)
+        batches = ((prepare_batch(images, self.device), labels.to(self.device))
+                   for images, labels in self._loader(self.val_set, False, 0))
+        # Under torchrun each rank scores its share; all of them then choose from every image alike.
+        plain, flipped, labels = map(self.cluster.gather_rows, calibration.validation_logits(self.model, batches))
+        report = calibration.choose(plain, flipped, labels)
+        self.model.set_calibration(report["temperature"], report["flip_tta"])
+        if self.cluster.is_main:
+            save_model(self.model, dict(read_meta(self.paths["model"]), calibration=report), self.paths["model"])
+        return report
 
 
 def format_epoch(row):

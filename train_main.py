@@ -8,6 +8,7 @@ from dataclasses import asdict, fields
 
 import torch
 
+from calibration import describe as describe_calibration
 from dataset import DataError, DecodedImages, decode_images, training_samples
 from distributed import Cluster, setup
 from hardware import pick_precision
@@ -140,6 +141,9 @@ def main(argv=None):
         if resume_state is not None:
             trainer.resume(resume_state)
         trainer.fit()
+        report = trainer.calibrate()
+        if report is not None:
+            print(describe_calibration(report), file=sys.stderr)
         cluster.close()
     except (DataError, PretrainedWeightsError, CheckpointError) as exc:
         fail(str(exc))

@@ -35,6 +35,32 @@ def test_each_model_trains_a_step_and_saves(tmp_path, conv_net, extra):
     assert meta["conv_net"] == conv_net and meta["img_size"] == 32 and meta["classes"] == ["cat", "dog"]
     assert (tmp_path / "model.metrics.jsonl").exists() and (tmp_path / "model.curve.png").exists()
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]  # atomic writes leave nothing behind
+    if conv_net == "efficientnet_lite0":  # calibrated on the validation split, in the weights and the JSON
+        report = meta["calibration"]
+        assert float(state["temperature"]) == pytest.approx(report["temperature"])
+        assert float(state["flip_tta"]) == float(report["flip_tta"]) and "calibrated on" in result.stderr
+    else:
+        assert "calibration" not in meta
+
+
+def test_resuming_a_finished_run_only_calibrates_its_best_weights(tmp_path):
+    """How weights trained before calibration existed get it: --resume with no epoch left to train."""
+    model_path = tmp_path / "model.pth"
+    args = ("--conv_net", "efficientnet_lite0", "--data_dir", TRAIN_DIR, "--model_path", model_path, "--img_size", 32,
+            "--batch_size", 4, "--epochs", 1, "--num_workers", 0, "--dry-run")
+    assert run_cli("train_main.py", *args).returncode == 0
+    meta = json.loads((tmp_path / "model.json").read_text())
+    uncalibrated = {k: v for k, v in torch.load(model_path, weights_only=True).items()
+                    if k not in ("temperature", "flip_tta")}
+    torch.save(uncalibrated, model_path)  # as the weights of an older run
+    result = run_cli("train_main.py", *args, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "epoch   1" not in result.stdout and "calibrated on" in result.stderr  # nothing trained again
+    state = torch.load(model_path, weights_only=True)
+    assert all(torch.equal(state[k], v) for k, v in uncalibrated.items())
+    again = json.loads((tmp_path / "model.json").read_text())
+    assert float(state["temperature"]) == pytest.approx(again["calibration"]["temperature"])
+    assert {k: v for k, v in again.items() if k != "calibration"} == {k: v for k, v in meta.items() if k != "calibration"}
 
 
 def test_loss_falls_when_overfitting_16_images():

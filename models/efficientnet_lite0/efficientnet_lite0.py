@@ -8,8 +8,15 @@ ImageNet weights load by name with no remapping.
 
 Lite variants drop squeeze-and-excitation and swish (ReLU6 instead) and keep a
 fixed 32-channel stem and 1280-channel head.
+
+Calibration travels in the weights: after training, train_main.py fits a temperature
+on the validation split and decides whether averaging the logits of each image and of
+its mirror image (flip test-time augmentation) pays (calibration.py). Both are buffers
+of the state_dict, applied by forward() in eval mode, so prediction, evaluation, the
+ONNX export and both kinds of archive classify the same way from this one definition.
 """
 
+import torch
 from torch import nn
 
 # (repeats, kernel, stride, expand ratio, in channels, out channels) per stage.
@@ -74,12 +81,36 @@ class EfficientNetLite0(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self._fc = nn.Linear(1280, num_classes)
+        # Identity until calibrated: logits / temperature, flip averaging off.
+        self.register_buffer("temperature", torch.tensor(1.0))
+        self.register_buffer("flip_tta", torch.tensor(0.0))  # 1.0: on (a float: collectives of every backend take it)
+        self.use_flip_tta = False  # the buffer as a Python bool: an export traces one fixed graph
+
+    def set_calibration(self, temperature, flip_tta):
+        self.temperature.fill_(float(temperature))
+        self.flip_tta.fill_(1.0 if flip_tta else 0.0)
+        self.use_flip_tta = bool(flip_tta)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Weights saved before calibration existed (and ImageNet's) have neither buffer: uncalibrated.
+        state_dict.setdefault(prefix + "temperature", torch.tensor(1.0))
+        state_dict.setdefault(prefix + "flip_tta", torch.tensor(0.0))
+        self.use_flip_tta = bool(state_dict[prefix + "flip_tta"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def features(self, x):
         x = self.act(self._bn0(self._conv_stem(x)))
         x = self._blocks(x)
         return self.act(self._bn1(self._conv_head(x)))
 
-    def forward(self, x):
+    def logits(self, x):
         x = self.pool(self.features(x)).flatten(1)
         return self._fc(self.dropout(x))
+
+    def forward(self, x):
+        if self.training:  # the loss sees the network's own logits
+            return self.logits(x)
+        logits = self.logits(x)
+        if self.use_flip_tta:
+            logits = (logits + self.logits(x.flip(3))) / 2
+        return logits / self.temperature
