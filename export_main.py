@@ -12,7 +12,7 @@ more than 1e-4 on any check image fails (exit 2) and writes nothing.
 """
 import os
 
-from models import MODELS
+from models import MODELS, weights_path
 from models.checkpoint import CheckpointError
 from models.inference import EXPORT_ATOL, SAMPLE_IMAGES, ExportError, current_onnx, export_onnx, onnx_path
 from parsers import DefaultsHelpFormatter, OneLineErrorParser, fail
@@ -31,7 +31,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    model_path = args.model_path or MODELS[args.conv_net].default_model_path
+    model_path = weights_path(args.conv_net, args.model_path)
     if not os.path.isfile(model_path):
         fail("no checkpoint at %s" % model_path)
     if not os.path.isdir(args.check_images):

@@ -123,9 +123,14 @@ MODELS = {
     "vgg": ModelSpec(VGG, "models/vgg/vgg.py", img_size=224, dropout=0.5, lr=1e-4, epochs=5,
                      load_pretrained=_pretrain_vgg),
     "efficientnet_lite0": ModelSpec(EfficientNetLite0, "models/efficientnet_lite0/efficientnet_lite0.py",
-                                    img_size=192, dropout=0.2, lr=5e-4, epochs=3, eval_img_size=224,
+                                    img_size=192, dropout=0.2, lr=5e-4, epochs=10, eval_img_size=224,
                                     load_pretrained=_pretrain_efficientnet_lite0),
 }
+
+
+def weights_path(conv_net, model_path=None):
+    """--model_path when given, else the shipped weights of `conv_net` (predict, evaluate, export)."""
+    return model_path or MODELS[conv_net].default_model_path
 
 
 def build_model(name, dropout=None, pretrained=False, pretrained_weights=None):

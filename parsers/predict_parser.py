@@ -1,6 +1,6 @@
 """Command-line flags of predict_main.py (and the options evaluate_main.py shares with it)."""
 
-from models import MODELS
+from models import MODELS, weights_path
 from parsers import DefaultsHelpFormatter, OneLineErrorParser, fail, non_negative_int, pick_device, positive_int
 
 
@@ -27,7 +27,7 @@ def open_predictor(args):
     from models.checkpoint import CheckpointError
     from models.inference import Predictor, default_backend
 
-    args.model_path = args.model_path or MODELS[args.conv_net].default_model_path
+    args.model_path = weights_path(args.conv_net, args.model_path)
     device = pick_device(args.device)
     backend = args.backend or ("torch" if device.type != "cpu" else default_backend())
     try:
