@@ -95,8 +95,8 @@ class EfficientNetLite0(nn.Module):
         # Weights saved before calibration existed (and ImageNet's) have neither buffer: uncalibrated.
         state_dict.setdefault(prefix + "temperature", torch.tensor(1.0))
         state_dict.setdefault(prefix + "flip_tta", torch.tensor(0.0))
-        self.use_flip_tta = bool(state_dict[prefix + "flip_tta"])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.use_flip_tta = bool(self.flip_tta)  # from what was loaded, not from what was offered
 
     def features(self, x):
         x = self.act(self._bn0(self._conv_stem(x)))
