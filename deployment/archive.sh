@@ -120,15 +120,15 @@ skipped=()
 failed=()
 for spec in "${SPECS[@]}"; do
     name="${spec%%=*}"
-    if [ "$name" = "$spec" ]; then
-        checkpoint="$ROOT/models/$name/model_$name.pth"
-    else
-        checkpoint="$(abspath "${spec#*=}")"
-    fi
     case " ${ALL_MODELS[*]} " in
         *" $name "*) ;;
         *) echo "error: unknown model '$name' (known: ${ALL_MODELS[*]})" >&2; failed+=("$name"); continue ;;
     esac
+    if [ "$name" = "$spec" ]; then  # the shipped weights, as the registry names them (models.weights_path)
+        checkpoint="$ROOT/$(cd "$ROOT" && "$PYTHON" -c 'import sys; from models import weights_path; print(weights_path(sys.argv[1]))' "$name")"
+    else
+        checkpoint="$(abspath "${spec#*=}")"
+    fi
     if [ ! -f "$checkpoint" ]; then
         echo "skipping $name: no checkpoint at $checkpoint (train it first with train_main.py;" \
              "untrained weights are never archived)" >&2
