@@ -1,8 +1,9 @@
 """One Trainer for every model: train/validate each epoch, keep the best weights.
 
 The best model (lowest validation loss; with no validation split, lowest training
-loss) is written at --model_path as a plain state_dict, atomically. A full
-checkpoint for --resume is rewritten at the end of every epoch.
+loss) is written at --model_path as a plain state_dict, atomically; with --ema_decay,
+the weights validated and kept are the moving average of the weights, not the last
+step's. A full checkpoint for --resume is rewritten at the end of every epoch.
 Under torchrun (distributed.py) every process trains on its share of each epoch and
 only rank 0 writes these files.
 """
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -110,6 +112,22 @@ def warmup_cosine(total_steps, warmup_steps):
     return factor
 
 
+def make_ema(model, decay):
+    """torch's AveragedModel keeping an exponential moving average of `model`'s weights and BatchNorm
+    statistics, updated by ema.update_parameters(model) after each step; None when `decay` is 0."""
+    if not decay:
+        return None
+    lerp = get_ema_multi_avg_fn(decay)
+
+    def update(averaged, current, n_averaged):
+        if torch.is_floating_point(averaged[0]):
+            lerp(averaged, current, n_averaged)
+        else:  # integer buffers (BatchNorm's batch counters, the img_size buffer) are copied, not averaged
+            for a, c in zip(averaged, current):
+                a.copy_(c)
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+
+
 def _autocast(device, precision):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
@@ -132,8 +150,8 @@ def train_step(model, x, y, optimizer, device, precision):
     return loss, logits
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, device, precision, desc="train"):
-    """One pass over `loader`; returns (mean loss, accuracy)."""
+def train_one_epoch(model, loader, optimizer, scheduler, device, precision, desc="train", ema=None):
+    """One pass over `loader`, updating `ema` (make_ema's) after each step; returns (mean loss, accuracy)."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, mininterval=1.0, file=sys.stderr)
@@ -141,6 +159,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, precision, desc
         y = labels.to(device)
         loss, logits = train_step(model, prepare_batch(images, device), y, optimizer, device, precision)
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(getattr(model, "module", model))  # the network itself, not its DDP wrapper
         total_loss += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
@@ -180,8 +200,13 @@ def plot_learning_curves(history, path):
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
     ax_acc.plot(epochs, [h["train_acc"] for h in history], "o-", label="train")
     if history[0].get("val_loss") is not None:
-        ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
-        ax_acc.plot(epochs, [h["val_acc"] for h in history], "o-", label="validation")
+        averaged = history[0].get("raw_val_loss") is not None
+        label = "validation, weight average" if averaged else "validation"
+        ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label=label)
+        ax_acc.plot(epochs, [h["val_acc"] for h in history], "o-", label=label)
+        if averaged:
+            ax_loss.plot(epochs, [h["raw_val_loss"] for h in history], "x--", label="validation, last step")
+            ax_acc.plot(epochs, [h["raw_val_acc"] for h in history], "x--", label="validation, last step")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     for ax in (ax_loss, ax_acc):
@@ -203,6 +228,9 @@ class Trainer:
         # torchrun: `val_set` is this rank's share of the validation images, `train_set` all training images
         self.cluster = cluster or Cluster(device)
         self.train_model = self.cluster.wrap(model)  # DDP, or the model itself
+        self.ema = make_ema(model, config.ema_decay)
+        # What is validated, kept and saved: the weight average with --ema_decay, else the model.
+        self.kept_model = self.ema.module if self.ema is not None else model
         self.train_set, self.val_set = train_set, val_set
         self.config, self.meta = config, meta
         self.device, self.precision = device, precision
@@ -234,6 +262,8 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            if self.ema is not None and "ema" in state:  # without it: the average restarts from these weights
+                self.ema.load_state_dict(state["ema"])
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # another network's or optimizer's state
             raise CheckpointError("%s does not fit this run (%s); resume with the --conv_net and --optimizer it was "
                                   "trained with, or %s" % (self.paths["resume"], one_line(exc), RESUME_FIX))
@@ -242,11 +272,14 @@ class Trainer:
               file=sys.stderr)
 
     def _save_resume_state(self, epoch):
-        atomic_torch_save({
+        state = {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "epoch": epoch, "best_loss": self.best_loss,
             "history": self.history, "args": asdict(self.config),
-        }, self.paths["resume"])
+        }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        atomic_torch_save(state, self.paths["resume"])
 
     def _write_reports(self):
         lines = "".join(json.dumps(h) + "\n" for h in self.history)
@@ -259,20 +292,27 @@ class Trainer:
         started = time.time()
         desc = "epoch %d/%d" % (epoch, cfg.epochs)
         train_loss, train_acc = train_one_epoch(self.train_model, self._loader(self.train_set, True, epoch),
-                                                self.optimizer, self.scheduler, self.device, self.precision, desc)
+                                                self.optimizer, self.scheduler, self.device, self.precision, desc,
+                                                self.ema)
         # Every rank trained on as many images (DistributedSampler pads the shares to equal
         # length), so the mean of the ranks' means is the mean over all of them.
         train_loss, train_acc = self.cluster.mean(train_loss, train_acc)
         self.cluster.sync_buffers(self.model)
-        val_loss = val_acc = None
+        if self.ema is not None:
+            self.cluster.sync_buffers(self.ema.module)  # each rank averaged its own BatchNorm statistics
+        row = dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=None, val_acc=None)
         if self.val_set is not None:
-            # Each rank scores its own share of the validation images (no padding, no
-            # duplicates): the summed figures are those of one process scoring them all.
-            total_loss, correct, seen = self.cluster.sum(*evaluate_sums(
-                self.model, self._loader(self.val_set, False, epoch), self.device, self.precision))
-            val_loss, val_acc = total_loss / max(seen, 1), correct / max(seen, 1)
-        return dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
-                    lr=self.optimizer.param_groups[0]["lr"], seconds=round(time.time() - started, 1))
+            row["val_loss"], row["val_acc"] = self._validate(self.kept_model, epoch)
+            if self.ema is not None:  # the last step's weights too: what the average adds, on the same images
+                row["raw_val_loss"], row["raw_val_acc"] = self._validate(self.model, epoch)
+        return dict(row, lr=self.optimizer.param_groups[0]["lr"], seconds=round(time.time() - started, 1))
+
+    def _validate(self, model, epoch):
+        """(loss, accuracy) of `model` on the validation split. Each rank scores its own share of the
+        images (no padding, no duplicates): the summed figures are those of one process scoring them all."""
+        total_loss, correct, seen = self.cluster.sum(*evaluate_sums(
+            model, self._loader(self.val_set, False, epoch), self.device, self.precision))
+        return total_loss / max(seen, 1), correct / max(seen, 1)
 
     def fit(self):
         for epoch in range(self.start_epoch, self.config.epochs + 1):
@@ -281,14 +321,15 @@ class Trainer:
             row["saved"] = is_improvement(self.best_loss, score)
             if row["saved"]:
                 self.best_loss = score
-                self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                self.best_state = {k: v.detach().clone() for k, v in self.kept_model.state_dict().items()}
             if row["saved"] and self.cluster.is_main:  # every rank holds the same weights: rank 0 writes
                 if epoch == 1:  # a fresh run (a resumed one starts later): keep whatever was there
                     kept = keep_previous(self.paths["model"])
                     if kept:
                         print("kept the model that was at %s as %s" % (self.paths["model"], kept), file=sys.stderr)
-                save_model(self.model, dict(self.meta, epoch=epoch, train_loss=row["train_loss"],
-                                            val_loss=row["val_loss"], val_acc=row["val_acc"]), self.paths["model"])
+                save_model(self.kept_model, dict(self.meta, epoch=epoch, train_loss=row["train_loss"],
+                                                 val_loss=row["val_loss"], val_acc=row["val_acc"]),
+                           self.paths["model"])
             self.history.append(row)
             if self.cluster.is_main:
                 self._save_resume_state(epoch)  # before the reports: a metrics line implies a resumable epoch
@@ -320,5 +361,7 @@ class Trainer:
 def format_epoch(row):
     val = ("val_loss %.4f  val_acc %.4f" % (row["val_loss"], row["val_acc"])
            if row["val_loss"] is not None else "(no validation split)")
+    if row.get("raw_val_loss") is not None:
+        val += "  (last step: %.4f  %.4f)" % (row["raw_val_loss"], row["raw_val_acc"])
     return "epoch %3d  train_loss %.4f  train_acc %.4f  %s  %6.1fs%s" % (
         row["epoch"], row["train_loss"], row["train_acc"], val, row["seconds"], "  saved" if row["saved"] else "")

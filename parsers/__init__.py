@@ -44,6 +44,19 @@ def int_at_least(minimum, what):
     return parse
 
 
+def unit_fraction(text):
+    """An argparse type: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value < 1:
+        raise argparse.ArgumentTypeError("must be a number in [0, 1), got %r" % text)
+    return value
+
+
+unit_fraction.__name__ = "number in [0, 1)"
+
 positive_int = int_at_least(1, "positive")
 non_negative_int = int_at_least(0, "non-negative")
 

@@ -6,7 +6,7 @@ models.ModelSpec (img_size, lr, ...) takes its default from the model's registry
 from dataclasses import fields
 
 from models import MODELS, ModelSpec
-from parsers import DEFAULT_DATA_DIR, DefaultsHelpFormatter, OneLineErrorParser, positive_int
+from parsers import DEFAULT_DATA_DIR, DefaultsHelpFormatter, OneLineErrorParser, positive_int, unit_fraction
 
 # A flag named like one of these takes its default from the model: None on the command line, the
 # registry's value in training.
@@ -61,6 +61,12 @@ def build_parser():
          help="Adam betas (SGD uses B1 as momentum)")
     flag("--optimizer", choices=["adam", "adamw", "sgd"], help="optimizer")
     flag("--dropout", type=float, help="dropout of the classifier")
+    # An average of the last ~1/(1-d) steps' weights sits nearer the middle of the loss basin than
+    # the last step does (Polyak & Juditsky 1992; Izmailov et al. 2018). Off by default: the one run
+    # with it (docs/models.md) was not the better model on validation, though it beat its own last step.
+    flag("--ema_decay", type=unit_fraction, default=0.0, help="decay of an exponential moving average of the "
+         "weights, updated every step: the average is what is validated, kept and shipped (0: off; "
+         "0.999 averages about the last 1,000 steps)")
     flag("--validation_split", type=float, default=0.1,
          help="fraction held out for validation, stratified and seeded (0 <= v < 1)")
     flag("--img_size", type=positive_int, help="training resolution")

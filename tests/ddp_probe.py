@@ -3,7 +3,8 @@
     torchrun --standalone --nproc_per_node 2 tests/ddp_probe.py DIGEST_DIR <train_main.py flags>
 
 Runs train_main.main() on the flags unchanged; when training is done, every rank writes
-the SHA-256 of each tensor of the weights it holds (parameters and buffers) to
+the SHA-256 of each tensor of the weights it holds (parameters and buffers, and with
+--ema_decay those of the weight average, as ema.*) to
 DIGEST_DIR/rank<RANK>.json. Rank 0 alone writes files, so this is how the test sees the
 weights of the other ranks; the production code has no such hook.
 """
@@ -31,8 +32,11 @@ def main():
     def fit_then_write_digests(trainer):
         history = fit(trainer)
         path = os.path.join(digest_dir, "rank%s.json" % os.environ.get("RANK", "0"))
+        held = dict(trainer.model.state_dict())
+        if trainer.ema is not None:  # --ema_decay: the weight average each rank keeps
+            held.update(("ema." + k, v) for k, v in trainer.ema.state_dict().items())
         with open(path, "w") as f:
-            json.dump(digests(trainer.model.state_dict()), f)
+            json.dump(digests(held), f)
         return history
 
     train.Trainer.fit = fit_then_write_digests

@@ -1,6 +1,7 @@
 """torchrun: two gloo processes on the fixture images, on this CPU (issue 14).
 
-After training every rank holds the same weights, rank 0 alone wrote one set of files,
+After training every rank holds the same weights (and, with --ema_decay, the same weight
+average, which is what is validated and saved), rank 0 alone wrote one set of files,
 the validation figures it reported are those of one process scoring the saved model on
 the whole split, and a killed rank neither hangs torchrun nor loses the run: --resume
 finishes it, and so does torchrun itself when given --max-restarts. The resumed runs end
@@ -36,7 +37,7 @@ FILES = ["m.curve.png", "m.json", "m.metrics.jsonl", "m.pth", "m.resume.pt"]
 def train_flags(model_path, *extra):
     return ["--data_dir", TRAIN_DIR, "--model_path", str(model_path), "--img_size", "32", "--batch_size", "4",
             "--epochs", str(EPOCHS), "--num_workers", "0", "--validation_split", str(VALIDATION_SPLIT),
-            "--seed", str(SEED), *extra]
+            "--seed", str(SEED), "--ema_decay", "0.5", *extra]
 
 
 def torchrun(*args, options=()):
@@ -67,8 +68,9 @@ def test_every_rank_ends_with_the_same_weights_and_rank_0_alone_writes_and_print
     ranks = [json.loads((work / "digests" / name).read_text()) for name in sorted(os.listdir(work / "digests"))]
     assert len(ranks) == 2
     assert ranks[0] == ranks[1], [k for k in ranks[0] if ranks[0][k] != ranks[1].get(k)]
-    final = torch.load(work / "run" / "m.resume.pt", weights_only=True)["model"]
-    assert digests(final) == ranks[0]  # what rank 0 wrote is what every rank holds
+    saved = torch.load(work / "run" / "m.resume.pt", weights_only=True)
+    final = dict(saved["model"], **{"ema." + k: v for k, v in saved["ema"].items()})
+    assert digests(final) == ranks[0]  # what rank 0 wrote is what every rank holds, weight average included
 
     assert sorted(os.listdir(work / "run")) == FILES  # one checkpoint, no copy per rank, no temporary file
     meta = json.loads((work / "run" / "m.json").read_text())

@@ -15,7 +15,8 @@ from models import MODELS, build_model, efficientnet_lite0_imagenet_state_dict, 
 from models.efficientnet_lite0.efficientnet_lite0 import EfficientNetLite0
 from models.transforms import eval_transform, open_rgb
 from models.checkpoint import CheckpointError
-from train import RESUME_KEYS, TrainConfig, Trainer, evaluate, is_improvement, make_optimizer, train_one_epoch
+from train import (RESUME_KEYS, TrainConfig, Trainer, evaluate, is_improvement, make_ema, make_optimizer,
+                   train_one_epoch)
 
 
 @pytest.mark.parametrize("conv_net, extra", [
@@ -61,6 +62,43 @@ def test_resuming_a_finished_run_only_calibrates_its_best_weights(tmp_path):
     again = json.loads((tmp_path / "model.json").read_text())
     assert float(state["temperature"]) == pytest.approx(again["calibration"]["temperature"])
     assert {k: v for k, v in again.items() if k != "calibration"} == {k: v for k, v in meta.items() if k != "calibration"}
+
+
+def test_ema_lerps_float_weights_and_statistics_and_copies_counters():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    assert make_ema(model, 0.0) is None
+    ema = make_ema(model, 0.9)
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[1].running_mean.fill_(2.0)
+    ema.update_parameters(model)  # the first update copies
+    with torch.no_grad():
+        model[0].weight.fill_(11.0)
+        model[1].running_mean.fill_(12.0)
+        model[1].num_batches_tracked.fill_(5)
+    ema.update_parameters(model)
+    averaged = ema.module
+    assert torch.allclose(averaged[0].weight, torch.full((2, 2), 0.9 * 1.0 + 0.1 * 11.0))
+    assert torch.allclose(averaged[1].running_mean, torch.full((2,), 0.9 * 2.0 + 0.1 * 12.0))
+    assert averaged[1].num_batches_tracked.item() == 5  # a counter, not an average
+    assert model[0].weight.eq(11.0).all()  # the model itself is untouched
+
+
+def test_with_ema_decay_the_average_is_validated_and_saved_and_the_last_step_reported(tmp_path):
+    model_path = tmp_path / "m.pth"
+    result = run_cli("train_main.py", "--data_dir", TRAIN_DIR, "--model_path", model_path, "--img_size", 32,
+                     "--batch_size", 4, "--epochs", 1, "--num_workers", 0, "--validation_split", 0.25,
+                     "--ema_decay", 0.9)
+    assert result.returncode == 0, result.stderr
+    assert "(last step: " in result.stdout
+    row = json.loads((tmp_path / "m.metrics.jsonl").read_text())
+    assert row["raw_val_loss"] != row["val_loss"]  # two sets of weights, scored on the same images
+    saved = torch.load(model_path, weights_only=True)
+    state = torch.load(tmp_path / "m.resume.pt", weights_only=False)
+    average = {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
+    assert average.keys() == saved.keys() and all(torch.equal(saved[k], average[k]) for k in saved)
+    assert not torch.equal(saved["features.0.weight"], state["model"]["features.0.weight"])
+    assert json.loads((tmp_path / "m.json").read_text())["args"]["ema_decay"] == 0.9
 
 
 def test_loss_falls_when_overfitting_16_images():
@@ -118,21 +156,23 @@ def _train_cmd(tmp_path, name, epochs, *extra):
             "--epochs", str(epochs), "--num_workers", "0", "--validation_split", "0.25", "--seed", "7", *extra]
 
 
-def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--ema_decay", "0.5")], ids=["last-step", "weight-average"])
+def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, extra):
+    """With --ema_decay the resume checkpoint carries the average too, so it goes on where it was."""
     epochs = 4
-    straight = subprocess.run(_train_cmd(tmp_path, "straight", epochs), capture_output=True, text=True,
+    straight = subprocess.run(_train_cmd(tmp_path, "straight", epochs, *extra), capture_output=True, text=True,
                               cwd=REPO_ROOT)
     assert straight.returncode == 0, straight.stderr
 
     metrics = tmp_path / "killed" / "m.metrics.jsonl"
-    proc = subprocess.Popen(_train_cmd(tmp_path, "killed", epochs), cwd=REPO_ROOT,
+    proc = subprocess.Popen(_train_cmd(tmp_path, "killed", epochs, *extra), cwd=REPO_ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_first_epoch(proc, metrics, 240)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = metrics.read_text().count("\n")
     assert 1 <= done, "the run was killed before finishing an epoch"
-    resumed = subprocess.run(_train_cmd(tmp_path, "killed", epochs, "--resume"), capture_output=True, text=True,
+    resumed = subprocess.run(_train_cmd(tmp_path, "killed", epochs, *extra, "--resume"), capture_output=True, text=True,
                              cwd=REPO_ROOT)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_weights(tmp_path / "straight", tmp_path / "killed")
