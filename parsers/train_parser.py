@@ -67,7 +67,7 @@ def build_parser():
     flag("--ema_decay", type=unit_fraction, default=0.0, help="decay of an exponential moving average of the "
          "weights, updated every step: the average is what is validated, kept and shipped (0: off; "
          "0.999 averages about the last 1,000 steps)")
-    flag("--validation_split", type=float, default=0.1,
+    flag("--validation_split", type=unit_fraction, default=0.1,
          help="fraction held out for validation, stratified and seeded (0 <= v < 1)")
     flag("--img_size", type=positive_int, help="training resolution")
     flag("--eval_img_size", type=positive_int, help="resolution for validation, prediction and serving; "
