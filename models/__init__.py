@@ -51,6 +51,8 @@ class ModelSpec:
     # training size matches them better ("FixRes", Touvron et al. 2019).
     # None: the same as img_size.
     eval_img_size: Optional[int] = None
+    # Decay of the weight average that is validated and shipped (train.make_ema); 0: the last step's weights.
+    ema_decay: float = 0.0
     load_pretrained: Optional[Callable[[nn.Module, Optional[str]], None]] = None
 
     def __post_init__(self):
@@ -124,7 +126,7 @@ MODELS = {
                      load_pretrained=_pretrain_vgg),
     "efficientnet_lite0": ModelSpec(EfficientNetLite0, "models/efficientnet_lite0/efficientnet_lite0.py",
                                     img_size=192, dropout=0.2, lr=5e-4, epochs=10, eval_img_size=224,
-                                    load_pretrained=_pretrain_efficientnet_lite0),
+                                    ema_decay=0.999, load_pretrained=_pretrain_efficientnet_lite0),
 }
 
 

@@ -360,11 +360,26 @@ def test_unset_flags_take_the_registry_recipe_and_set_flags_win(conv_net):
     from train_main import resolve_defaults
     spec = MODELS[conv_net]
     config = resolve_defaults(TrainConfig(**vars(build_parser().parse_args(["--conv_net", conv_net]))))
-    assert (config.optimizer, config.weight_decay, config.batch_size, config.lr, config.epochs, config.img_size) == (
-        spec.optimizer, spec.weight_decay, spec.batch_size, spec.lr, spec.epochs, spec.img_size)
-    flags = ["--conv_net", conv_net, "--optimizer", "sgd", "--weight_decay", "0", "--batch_size", "7", "--lr", "0.5"]
+    assert (config.optimizer, config.weight_decay, config.batch_size, config.lr, config.epochs, config.img_size,
+            config.ema_decay) == (spec.optimizer, spec.weight_decay, spec.batch_size, spec.lr, spec.epochs,
+                                  spec.img_size, spec.ema_decay)
+    flags = ["--conv_net", conv_net, "--optimizer", "sgd", "--weight_decay", "0", "--batch_size", "7", "--lr", "0.5",
+             "--ema_decay", "0"]
     config = resolve_defaults(TrainConfig(**vars(build_parser().parse_args(flags))))
-    assert (config.optimizer, config.weight_decay, config.batch_size, config.lr) == ("sgd", 0.0, 7, 0.5)
+    assert (config.optimizer, config.weight_decay, config.batch_size, config.lr, config.ema_decay) == (
+        "sgd", 0.0, 7, 0.5, 0.0)
+
+
+def test_the_shipped_efficientnet_lite0_was_trained_with_the_registry_recipe():
+    """Training efficientnet_lite0 with no flag but --data_dir reproduces the shipped model's recipe."""
+    from parsers.train_parser import build_parser
+    from train_main import resolve_defaults
+    shipped = json.loads(open(os.path.join(REPO_ROOT, "models", "efficientnet_lite0",
+                                           "model_efficientnet_lite0.json")).read())["args"]
+    config = resolve_defaults(TrainConfig(**vars(build_parser().parse_args(
+        ["--conv_net", "efficientnet_lite0", "--data_dir", shipped["data_dir"]]))))
+    recipe = {k: v for k, v in vars(config).items() if k not in ("model_path",)}
+    assert {k: shipped[k] for k in recipe} == {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()}
 
 
 def test_per_model_flags_and_their_help_come_from_the_registry():
@@ -372,7 +387,7 @@ def test_per_model_flags_and_their_help_come_from_the_registry():
     from parsers.train_parser import build_parser
     from train_main import PER_MODEL_DEFAULTS
     assert set(PER_MODEL_DEFAULTS) == {"epochs", "batch_size", "lr", "weight_decay", "optimizer", "dropout",
-                                       "img_size", "eval_img_size"}
+                                       "img_size", "eval_img_size", "ema_decay"}
     text = " ".join(build_parser().format_help().split())
     assert "(default: None)" not in text
     for flag in PER_MODEL_DEFAULTS:
