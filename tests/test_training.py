@@ -372,14 +372,15 @@ def test_unset_flags_take_the_registry_recipe_and_set_flags_win(conv_net):
 
 def test_the_shipped_efficientnet_lite0_was_trained_with_the_registry_recipe():
     """Training efficientnet_lite0 with no flag but --data_dir reproduces the shipped model's recipe."""
+    from models import weights_path
+    from models.checkpoint import read_meta
     from parsers.train_parser import build_parser
     from train_main import resolve_defaults
-    shipped = json.loads(open(os.path.join(REPO_ROOT, "models", "efficientnet_lite0",
-                                           "model_efficientnet_lite0.json")).read())["args"]
+    shipped = read_meta(weights_path("efficientnet_lite0"))["args"]
     config = resolve_defaults(TrainConfig(**vars(build_parser().parse_args(
         ["--conv_net", "efficientnet_lite0", "--data_dir", shipped["data_dir"]]))))
-    recipe = {k: v for k, v in vars(config).items() if k not in ("model_path",)}
-    assert {k: shipped[k] for k in recipe} == {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()}
+    recipe = {k: v for k, v in vars(config).items() if k != "model_path"}
+    assert {k: shipped[k] for k in recipe} == recipe
 
 
 def test_per_model_flags_and_their_help_come_from_the_registry():
