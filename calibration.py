@@ -74,10 +74,12 @@ def supports_calibration(model):
 
 def describe(report):
     """One line for the training log."""
-    return ("calibrated on %d validation images: temperature %.3f, flip TTA %s; log loss %.4f -> %.4f, "
+    source = ("calibrated on %d validation images" % report["val_images"] if "carried_from" not in report else
+              "calibration of %s, fitted on its %d validation images" % (report["carried_from"], report["val_images"]))
+    return ("%s: temperature %.3f, flip TTA %s; log loss %.4f -> %.4f, "
             "accuracy %.4f (plain: T %.3f, log loss %.4f -> %.4f, accuracy %.4f; flip TTA: T %.3f, "
             "log loss %.4f -> %.4f, accuracy %.4f)" % (
-                report["val_images"], report["temperature"], "on" if report["flip_tta"] else "off",
+                source, report["temperature"], "on" if report["flip_tta"] else "off",
                 report["options"]["flip_tta" if report["flip_tta"] else "plain"]["val_loss_uncalibrated"],
                 report["val_loss"], report["val_acc"],
                 *(report["options"][k][f] for k in ("plain", "flip_tta")

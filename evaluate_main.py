@@ -54,8 +54,9 @@ def format_report(report):
                      % (training["val_acc"], training["val_loss"], training.get("epoch")))
     fitted = report.get("calibration")
     if fitted:
-        lines.append("calibrated temperature %.3f, flip TTA %s: chosen on the validation split%s" % (
+        lines.append("calibrated temperature %.3f, flip TTA %s: chosen on the validation split%s%s" % (
             fitted["temperature"], "on" if fitted["flip_tta"] else "off",
+            " of %s" % fitted["carried_from"] if fitted.get("carried_from") else "",
             ", so its figures above are optimistic" if report["split"] == "val" else ""))
     width = max(9, max(len(c) for c in classes) + 2)
     lines += ["", "confusion matrix (rows: true class, columns: predicted)",
@@ -154,7 +155,8 @@ def main(argv=None):
                   data_dir=data_dir, split=args.split, **metrics)
     calibrated = predictor.meta.get("calibration")
     if calibrated:
-        report["calibration"] = dict(temperature=calibrated["temperature"], flip_tta=calibrated["flip_tta"])
+        report["calibration"] = {k: calibrated[k] for k in ("temperature", "flip_tta", "carried_from")
+                                 if k in calibrated}
     if args.split == "val":
         meta = predictor.meta
         report["training"] = dict(epoch=meta.get("epoch"), val_acc=meta.get("val_acc"), val_loss=meta.get("val_loss"))

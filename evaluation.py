@@ -89,7 +89,10 @@ def training_split(meta, split, data_dir=None):
                                   args.get("batch_size"))
     chosen = val if split == "val" else train
     if not chosen:
-        raise DataError("training held out no validation images (--validation_split %g)" % args["validation_split"])
+        validated = (meta.get("calibration") or {}).get("carried_from")
+        raise DataError("training held out no validation images (--validation_split %g)%s" % (
+            args["validation_split"], "; its recipe was validated by %s: score that with --model_path %s --split val"
+            % (validated, validated) if validated else ""))
     return data_dir, chosen
 
 

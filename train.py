@@ -28,7 +28,8 @@ from models.checkpoint import (CheckpointError, atomic_torch_save, atomic_write,
                                load_checkpoint, one_line, read_meta, save_model, sidecar_path)
 from distributed import Cluster
 from models.transforms import normalize
-from parsers.train_parser import RESUME_IGNORES, RESUME_MAY_CHANGE, build_parser, option_name
+from parsers.train_parser import (CALIBRATION_MAY_DIFFER, RESUME_IGNORES, RESUME_MAY_CHANGE, build_parser,
+                                  option_name)
 
 
 def _config_class():
@@ -69,6 +70,31 @@ def check_same_run(state, config, path):
         raise CheckpointError("%s was started with %s; resume with the flags it was started with (only %s may "
                               "change), or %s" % (path, ", ".join(changed),
                                                   ", ".join(map(option_name, RESUME_MAY_CHANGE)), RESUME_FIX))
+
+
+def carried_calibration(config):
+    """The calibration a final fit (--validation_split 0) takes from --calibration_from: the report a run
+    with the same flags (but CALIBRATION_MAY_DIFFER) fitted on its validation split, with `carried_from`
+    naming that run's weights. Its images are all in the final fit's training set now, so nothing is left
+    to fit a temperature on; the validated run's is the honest estimate. Raises CheckpointError."""
+    path = config.calibration_from
+    if config.validation_split:
+        raise CheckpointError("--calibration_from is for a final fit without a validation split (--validation_split 0); "
+                              "this run fits its own calibration on its validation split")
+    if not os.path.exists(path):
+        raise CheckpointError("--calibration_from: no model at %s" % path)
+    meta = read_meta(path)
+    report = meta.get("calibration")
+    if not report:
+        raise CheckpointError("--calibration_from: %s has no calibration in its meta JSON (%s); pass a model trained "
+                              "with a validation split" % (path, sidecar_path(path, ".json")))
+    saved, now = meta.get("args") or {}, asdict(config)
+    changed = ["%s %s (here %s)" % (option_name(name), _value_text(saved[name]), _value_text(now[name]))
+               for name in now if name in saved and saved[name] != now[name] and name not in CALIBRATION_MAY_DIFFER]
+    if changed or not saved:
+        raise CheckpointError("--calibration_from: %s was trained with %s; its calibration fits only a final fit "
+                              "with its flags" % (path, ", ".join(changed) or "flags its JSON does not record"))
+    return dict(report, carried_from=report.get("carried_from", path))  # the run that fitted it
 
 
 def read_resume_state(path):
@@ -339,19 +365,25 @@ class Trainer:
 
     def calibrate(self):
         """After the last epoch: fit the best weights' calibration on the validation split
-        (calibration.py: a temperature, and flip TTA if it pays) and save them again with it,
-        the report in their meta JSON. Returns the report; None, changing nothing, for a model
-        without calibration or a run without a validation split."""
-        if self.val_set is None or not calibration.supports_calibration(self.model):
+        (calibration.py: a temperature, and flip TTA if it pays), or without one take it from
+        --calibration_from (carried_calibration), and save the weights again with it, the report in
+        their meta JSON. Returns the report; None, changing nothing, for a model without calibration
+        or a run with neither."""
+        carried = self.val_set is None and self.config.calibration_from
+        if not calibration.supports_calibration(self.model) or not (self.val_set is not None or carried):
             return None
         # A resumed run that had nothing left to train has no best weights in memory: they are on disk.
         best = self.best_state if self.best_state is not None else load_checkpoint(self.paths["model"])
         self.model.load_state_dict(best)
-        batches = ((prepare_batch(images, self.device), labels.to(self.device))
-                   for images, labels in self._loader(self.val_set, False, 0))
-        # Under torchrun each rank scores its share; all of them then choose from every image alike.
-        plain, flipped, labels = map(self.cluster.gather_rows, calibration.validation_logits(self.model, batches))
-        report = calibration.choose(plain, flipped, labels)
+        if carried:
+            report = carried_calibration(self.config)
+        else:
+            batches = ((prepare_batch(images, self.device), labels.to(self.device))
+                       for images, labels in self._loader(self.val_set, False, 0))
+            # Under torchrun each rank scores its share; all of them then choose from every image alike.
+            plain, flipped, labels = map(self.cluster.gather_rows,
+                                         calibration.validation_logits(self.model, batches))
+            report = calibration.choose(plain, flipped, labels)
         self.model.set_calibration(report["temperature"], report["flip_tta"])
         if self.cluster.is_main:
             save_model(self.model, dict(read_meta(self.paths["model"]), calibration=report), self.paths["model"])

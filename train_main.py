@@ -17,7 +17,8 @@ from models.checkpoint import CheckpointError, check_writable
 from models.transforms import train_augment
 from parsers import fail, pick_device
 from parsers.train_parser import SPEC_FIELDS, build_parser
-from train import TrainConfig, Trainer, check_same_run, make_optimizer, read_resume_state, resume_path, warmup_cosine
+from train import (TrainConfig, Trainer, carried_calibration, check_same_run, make_optimizer, read_resume_state,
+                   resume_path, warmup_cosine)
 
 # The flags whose default is the model's own: those named like a field of models.ModelSpec.
 PER_MODEL_DEFAULTS = tuple(f.name for f in fields(TrainConfig) if f.name in SPEC_FIELDS)
@@ -77,7 +78,8 @@ def check_img_sizes(config):
 
 
 def check_files(config):
-    """Read the --resume checkpoint and check that --model_path can be written, before minutes of decoding.
+    """Read the --resume checkpoint, check --calibration_from and that --model_path can be written, before
+    minutes of decoding.
 
     Returns the state to resume from (None without --resume); raises CheckpointError.
     """
@@ -86,6 +88,8 @@ def check_files(config):
         path = resume_path(config.model_path)
         state = read_resume_state(path)
         check_same_run(state, config, path)  # Trainer.resume checks it too; here it is found before decoding
+    if config.calibration_from:
+        carried_calibration(config)  # Trainer.calibrate reads it after the last epoch; a mistake shows now
     check_writable(config.model_path, "choose another --model_path")
     return state
 

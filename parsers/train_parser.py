@@ -12,10 +12,16 @@ from parsers import DEFAULT_DATA_DIR, DefaultsHelpFormatter, OneLineErrorParser,
 # registry's value in training.
 SPEC_FIELDS = frozenset(f.name for f in fields(ModelSpec))
 # --resume continues a run, so every flag must be the one it was started with, except these: --epochs
-# extends the run, the others choose how it computes, not what.
-RESUME_MAY_CHANGE = ("epochs", "num_workers", "device", "precision")
+# extends the run, the others choose how it computes, not what (--calibration_from acts after the last epoch, so a
+# finished final fit can be resumed just to take one).
+RESUME_MAY_CHANGE = ("epochs", "num_workers", "device", "precision", "calibration_from")
 # and these, which only name the checkpoint or decide how a fresh run starts (its weights are replaced).
 RESUME_IGNORES = ("model_path", "resume", "random_init", "pretrained_weights")
+# A final fit (--validation_split 0) takes the calibration of a validated run of the same recipe
+# (--calibration_from): every flag must be that run's but these, which say where files are, how it
+# computes, and the split itself.
+CALIBRATION_MAY_DIFFER = ("model_path", "resume", "data_dir", "pretrained_weights", "num_workers", "device",
+                          "precision", "validation_split", "calibration_from")
 
 
 def per_model_default(action):
@@ -69,6 +75,10 @@ def build_parser():
          "0.999 averages about the last 1,000 steps)")
     flag("--validation_split", type=unit_fraction, default=0.1,
          help="fraction held out for validation, stratified and seeded (0 <= v < 1)")
+    flag("--calibration_from", default=None, metavar="MODEL.pth",
+         help="with --validation_split 0 (a final fit on every labeled image, once a recipe is validated): the "
+              "calibration (temperature, flip TTA) that a run of the same flags fitted on its validation split, "
+              "from that run's meta JSON beside MODEL.pth")
     flag("--img_size", type=positive_int, help="training resolution")
     flag("--eval_img_size", type=positive_int, help="resolution for validation, prediction and serving; "
          "with an --img_size other than the model's, that --img_size")

@@ -64,6 +64,78 @@ def test_resuming_a_finished_run_only_calibrates_its_best_weights(tmp_path):
     assert {k: v for k, v in again.items() if k != "calibration"} == {k: v for k, v in meta.items() if k != "calibration"}
 
 
+LITE0_DRY_RUN = ("--conv_net", "efficientnet_lite0", "--data_dir", TRAIN_DIR, "--img_size", 32, "--batch_size", 4,
+                 "--epochs", 1, "--num_workers", 0, "--dry-run")
+
+
+@pytest.fixture(scope="module")
+def validated_run(tmp_path_factory):
+    """A run with a validation split, calibrated on it: what a final fit takes its calibration from."""
+    path = tmp_path_factory.mktemp("validated") / "validated.pth"
+    result = run_cli("train_main.py", *LITE0_DRY_RUN, "--model_path", path)
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+def _meta(model_path):
+    return json.loads(model_path.with_suffix(".json").read_text())
+
+
+def test_a_final_fit_takes_the_calibration_its_validated_run_fitted(validated_run, tmp_path, capsys):
+    """Issue 13: a final fit on every image has nothing left to fit a temperature on."""
+    import evaluate_main
+    path = tmp_path / "final.pth"
+    result = run_cli("train_main.py", *LITE0_DRY_RUN, "--validation_split", 0, "--calibration_from", validated_run,
+                     "--model_path", path)
+    assert result.returncode == 0, result.stderr
+    assert "(no validation split)" in result.stdout and "calibration of %s" % validated_run in result.stderr
+    fitted = _meta(validated_run)["calibration"]
+    assert _meta(path)["calibration"] == dict(fitted, carried_from=str(validated_run))
+    state = torch.load(path, weights_only=True)
+    assert float(state["temperature"]) == pytest.approx(fitted["temperature"])
+    assert bool(state["flip_tta"]) == fitted["flip_tta"]
+    # Its validation split is empty: evaluate says so, and names the run whose split scored the recipe.
+    with pytest.raises(SystemExit) as exit_:
+        evaluate_main.main(["--model_path", str(path), "--split", "val", "--num_workers", "0"])
+    assert exit_.value.code == 2
+    assert "its recipe was validated by %s: score that with --model_path %s --split val" % (
+        validated_run, validated_run) in capsys.readouterr().err
+
+
+def test_a_finished_final_fit_is_resumed_to_take_its_calibration(validated_run, tmp_path):
+    args = (*LITE0_DRY_RUN, "--validation_split", 0, "--model_path", tmp_path / "final.pth")
+    assert run_cli("train_main.py", *args).returncode == 0
+    assert "calibration" not in _meta(tmp_path / "final.pth")
+    trained = torch.load(tmp_path / "final.pth", weights_only=True)
+    result = run_cli("train_main.py", *args, "--resume", "--calibration_from", validated_run)
+    assert result.returncode == 0, result.stderr
+    assert "epoch   1" not in result.stdout  # nothing trained again
+    state = torch.load(tmp_path / "final.pth", weights_only=True)
+    assert all(torch.equal(state[k], v) for k, v in trained.items() if k not in ("temperature", "flip_tta"))
+    assert _meta(tmp_path / "final.pth")["calibration"]["carried_from"] == str(validated_run)
+
+
+@pytest.mark.parametrize("change, said", [
+    ([], "is for a final fit without a validation split (--validation_split 0)"),
+    (["--validation_split", 0, "--lr", 0.1], "was trained with --lr 0.0005 (here 0.1); its calibration fits only"),
+    (["--validation_split", 0, "--conv_net", "base_cnn"], "--conv_net efficientnet_lite0 (here base_cnn)"),
+    (["--validation_split", 0, "--calibration_from", "missing.pth"], "--calibration_from: no model at missing.pth"),
+    (["--validation_split", 0, "--calibration_from", "uncalibrated"], "has no calibration in its meta JSON"),
+])
+def test_a_calibration_that_does_not_fit_the_run_exits_2_before_decoding(validated_run, tmp_path, change, said):
+    uncalibrated = tmp_path / "uncalibrated.pth"
+    shutil.copy(validated_run, uncalibrated)
+    uncalibrated.with_suffix(".json").write_text(json.dumps(
+        {k: v for k, v in _meta(validated_run).items() if k != "calibration"}))
+    change = [uncalibrated if c == "uncalibrated" else c for c in change]
+    result = run_cli("train_main.py", *LITE0_DRY_RUN, "--calibration_from", validated_run, *change,
+                     "--model_path", tmp_path / "final.pth")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line, = result.stderr.strip().splitlines()  # one line: not even "N training images", printed before decoding
+    assert line.startswith("error: ") and said in line
+    assert not (tmp_path / "final.pth").exists()
+
+
 def test_ema_lerps_float_weights_and_statistics_and_copies_counters():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     assert make_ema(model, 0.0) is None
@@ -253,7 +325,8 @@ def test_resume_with_flags_other_than_the_run_was_started_with_exits_2_before_de
     line, = result.stderr.strip().splitlines()  # one line: not even "N training images", printed before decoding
     assert line.startswith("error: %s was started with " % (one_epoch_run / "m.resume.pt")) and said in line
     assert "--epochs" not in line.split(";")[0]  # --epochs may change
-    assert line.endswith("(only --epochs, --num_workers, --device, --precision may change), or run without --resume "
+    assert line.endswith("(only --epochs, --num_workers, --device, --precision, --calibration_from may change), or run "
+                         "without --resume "
                          "to start over (the new run replaces it)")
     assert json.loads((one_epoch_run / "m.json").read_text())["epoch"] == 1  # nothing written
 
