@@ -40,8 +40,30 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ -z "${PYTHON:-}" ]; then
     if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
-# The model names come from the registry (models.MODELS), never from a list here.
-read -r -a ALL_MODELS <<< "$(cd "$ROOT" && "$PYTHON" -c 'from models import MODELS; print(*MODELS)')"
+# The model names, their shipped weights and their model files come from the registry (models.MODELS),
+# never from a list here; read once, since importing it imports torch (a second or two).
+ALL_MODELS=()
+SHIPPED_WEIGHTS=()
+MODEL_FILES=()
+while read -r name weights model_file; do
+    ALL_MODELS+=("$name"); SHIPPED_WEIGHTS+=("$weights"); MODEL_FILES+=("$model_file")
+done < <(cd "$ROOT" && "$PYTHON" -c 'from models import MODELS, weights_path
+for name, spec in MODELS.items():
+    print(name, weights_path(name), spec.model_file)')
+if [ ${#ALL_MODELS[@]} -eq 0 ]; then
+    echo "error: cannot read the model registry (models.MODELS) with $PYTHON" >&2
+    exit 2
+fi
+
+# registry_fact weights|model_file NAME: the registry's value for a known model NAME.
+registry_fact() {
+    local i
+    for i in "${!ALL_MODELS[@]}"; do
+        if [ "${ALL_MODELS[$i]}" = "$2" ]; then
+            if [ "$1" = weights ]; then echo "${SHIPPED_WEIGHTS[$i]}"; else echo "${MODEL_FILES[$i]}"; fi
+        fi
+    done
+}
 
 usage() {
     cat <<EOF
@@ -125,7 +147,7 @@ for spec in "${SPECS[@]}"; do
         *) echo "error: unknown model '$name' (known: ${ALL_MODELS[*]})" >&2; failed+=("$name"); continue ;;
     esac
     if [ "$name" = "$spec" ]; then  # the shipped weights, as the registry names them (models.weights_path)
-        checkpoint="$ROOT/$(cd "$ROOT" && "$PYTHON" -c 'import sys; from models import weights_path; print(weights_path(sys.argv[1]))' "$name")"
+        checkpoint="$ROOT/$(registry_fact weights "$name")"
     else
         checkpoint="$(abspath "${spec#*=}")"
     fi
@@ -190,7 +212,7 @@ PY
     if [ "$BACKEND" = onnx ]; then
         model_args=(--serialized-file "$STAGE/$stem.onnx")
     else
-        model_args=(--model-file "$ROOT/$("$PYTHON" -c 'import sys; from models import MODELS; print(MODELS[sys.argv[1]].model_file)' "$name")"
+        model_args=(--model-file "$ROOT/$(registry_fact model_file "$name")"
                     --serialized-file "$checkpoint")
     fi
     echo "archiving $name ($BACKEND) from $checkpoint"
