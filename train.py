@@ -79,8 +79,8 @@ def carried_calibration(config):
     to fit a temperature on; the validated run's is the honest estimate. Raises CheckpointError."""
     path = config.calibration_from
     if config.validation_split:
-        raise CheckpointError("--calibration_from is for a final fit without a validation split (--validation_split 0); "
-                              "this run fits its own calibration on its validation split")
+        raise CheckpointError("--calibration_from is for a final fit without a validation split "
+                              "(--validation_split 0); this run fits its own calibration on its validation split")
     if not os.path.exists(path):
         raise CheckpointError("--calibration_from: no model at %s" % path)
     meta = read_meta(path)

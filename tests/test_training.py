@@ -443,17 +443,27 @@ def test_unset_flags_take_the_registry_recipe_and_set_flags_win(conv_net):
         "sgd", 0.0, 7, 0.5, 0.0)
 
 
-def test_the_shipped_efficientnet_lite0_was_trained_with_the_registry_recipe():
-    """Training efficientnet_lite0 with no flag but --data_dir reproduces the shipped model's recipe."""
+def test_the_shipped_efficientnet_lite0_is_the_final_fit_of_the_registry_recipe():
+    """Training efficientnet_lite0 with no flag but --data_dir reproduces the run that validated the
+    shipped recipe (its weights ship beside, in validated/), and the shipped model is that recipe
+    fitted on every labeled image, calibrated as the validated run was."""
     from models import weights_path
     from models.checkpoint import read_meta
     from parsers.train_parser import build_parser
     from train_main import resolve_defaults
-    shipped = read_meta(weights_path("efficientnet_lite0"))["args"]
+    shipped = read_meta(weights_path("efficientnet_lite0"))
+    validated_path = shipped["calibration"]["carried_from"]
+    validated = read_meta(validated_path)
     config = resolve_defaults(TrainConfig(**vars(build_parser().parse_args(
-        ["--conv_net", "efficientnet_lite0", "--data_dir", shipped["data_dir"]]))))
-    recipe = {k: v for k, v in vars(config).items() if k != "model_path"}
-    assert {k: shipped[k] for k in recipe} == recipe
+        ["--conv_net", "efficientnet_lite0", "--data_dir", validated["args"]["data_dir"]]))))
+    recipe = {k: v for k, v in vars(config).items() if k not in ("model_path", "calibration_from")}
+    assert {k: validated["args"][k] for k in recipe} == recipe
+    assert shipped["args"]["validation_split"] == 0
+    assert {k: shipped["args"][k] for k in recipe if k != "validation_split"} == {
+        k: v for k, v in recipe.items() if k != "validation_split"}
+    assert shipped["calibration"] == dict(validated["calibration"], carried_from=validated_path)
+    assert os.path.dirname(validated_path) == os.path.join(os.path.dirname(weights_path("efficientnet_lite0")),
+                                                           "validated")
 
 
 def test_per_model_flags_and_their_help_come_from_the_registry():
