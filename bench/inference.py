@@ -37,6 +37,7 @@ if __name__ == "__main__" and not __package__:
 from bench.common import (FIXTURE_TEST1, SHIPPED_MODELS, default_checkpoint, default_out, describe_machine, fmt,
                           load_payloads, machine_info, markdown_table, random_checkpoint, write_json)
 from loadtest import latency_summary
+from parsers import DefaultsHelpFormatter
 
 ENGINES = ("torch", "onnx", "openvino")
 ENGINE_NAMES = {"torch": "PyTorch eager (channels_last)", "onnx": "ONNX Runtime", "openvino": "OpenVINO"}
@@ -58,14 +59,14 @@ def add_arguments(p):
     p.add_argument("--checkpoint", action="append", default=[], metavar="MODEL=PATH",
                    help="weights to use instead of models/MODEL/model_MODEL.pth (repeatable)")
     p.add_argument("--random_weights", action="store_true",
-                   help="untrained weights at each model's default size (a fresh clone has no trained ones)")
+                   help="untrained weights at each model's default size instead of the shipped ones (speed does "
+                        "not depend on the weights)")
     p.add_argument("--threads", type=int, default=all_cores(),
                    help="intra-op threads of every in-process engine")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     add_arguments(p)
     p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
     p.add_argument("--single", type=int, default=100, help="single-image calls timed per model and engine")

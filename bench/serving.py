@@ -57,6 +57,7 @@ from bench import inference
 from bench.common import (REPO_ROOT, SHIPPED_MODELS, default_out, describe_machine, fmt, load_payloads,
                           machine_info, markdown_table, write_json)
 from loadtest import run_load, send_requests
+from parsers import DefaultsHelpFormatter
 from serving import ARCHIVE_SH, TorchServe, java_command
 
 STOCK_HANDLER = os.path.join(REPO_ROOT, "bench", "stock_handler.py")
@@ -102,7 +103,7 @@ WORKERS = {g.name: g.workers for g in GRID}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     inference.add_arguments(p)
     p.add_argument("--grid", action="store_true", help="also measure the tuning grid of the ONNX archive")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])

@@ -31,11 +31,12 @@ if __name__ == "__main__" and not __package__:
 
 from bench.common import (FIXTURE_TRAIN, SHIPPED_MODELS, Stopwatch, default_out, describe_machine, fmt,
                           machine_info, markdown_table, write_json)
+from parsers import DefaultsHelpFormatter
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--data_dir", default="data/train", help="labeled images (Kaggle flat layout or cat/ dog/)")
     p.add_argument("--models", nargs="+", default=list(SHIPPED_MODELS), choices=list(SHIPPED_MODELS) + ["vgg"])
     p.add_argument("--steps", type=int, default=15, help="timed optimizer steps per path")
