@@ -483,6 +483,26 @@ class TorchServe(object):
             return f.read()
 
 
+def _running(proc):
+    """Whether `proc` still runs. A zombie has stopped: it only waits for its parent to collect its exit
+    status, which never comes in a container whose PID 1 is not an init (`docker run` without --init)."""
+    import psutil
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _wait_stopped(procs, timeout):
+    """Wait until none of `procs` runs (zombies count as stopped); returns those still running."""
+    deadline = time.monotonic() + timeout
+    alive = [proc for proc in procs if _running(proc)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [proc for proc in alive if _running(proc)]
+    return alive
+
+
 def _stop_processes(procs, timeout=60):
     """SIGTERM to the Java frontend (TorchServe's shutdown stops its workers), then kill what is left."""
     import psutil
@@ -494,14 +514,14 @@ def _stop_processes(procs, timeout=60):
                 proc.terminate()
         except psutil.Error:
             pass
-    psutil.wait_procs(frontends, timeout=timeout)
-    gone, alive = psutil.wait_procs(procs, timeout=20)
+    _wait_stopped(frontends, timeout)
+    alive = _wait_stopped(procs, 20)
     for proc in alive:  # still running after the frontend stopped: ours, so end it
         try:
             proc.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(alive, timeout=10)
+    _wait_stopped(alive, 10)
 
 
 # ---- the command line: make serve / make stop -------------------------------------------------------
@@ -527,7 +547,7 @@ def _load_state(args):
     for pid, created in state.get("processes", []):
         try:
             proc = psutil.Process(pid)
-            if abs(proc.create_time() - created) < 1e-3:  # the same process, not a reused pid
+            if abs(proc.create_time() - created) < 1e-3 and _running(proc):  # the same process, not a reused pid
                 procs.append(proc)
         except psutil.Error:
             pass

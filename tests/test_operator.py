@@ -24,12 +24,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import requests
 import yaml
 
 from tests.serving_utils import REPO_ROOT, TEST1_DIR, VENV_BIN, fixture_bytes, free_port
+from tests.support import require_command
 
 import serving
 
@@ -54,9 +56,7 @@ def shipped_settings():
 
 def curl(*args):
     """(HTTP status, body) of a curl command line, as a user would type it."""
-    if not shutil.which("curl"):
-        pytest.skip("curl is not installed")
-    proc = subprocess.run(["curl", "-sS", "--max-time", "120", "-w", "\n%{http_code}"] + list(args),
+    proc = subprocess.run([require_command("curl"), "-sS", "--max-time", "120", "-w", "\n%{http_code}"] + list(args),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
     assert proc.returncode == 0, proc.stderr
     body, _, code = proc.stdout.rpartition("\n")
@@ -128,10 +128,9 @@ def test_no_tcp_port_changes_or_stops_what_is_served(server):
 def test_owner_can_still_scale_over_the_socket(server):
     status, body = server.manage("PUT", "models/base_cnn?min_worker=2&max_worker=2&synchronous=true", timeout=120)
     assert status == 200, body
-    if shutil.which("curl"):  # docs/serving.md's command
-        path = serving.socket_path(server.management_address)
-        status, body = curl("--unix-socket", path, "http://localhost/models/base_cnn")
-        assert status == 200 and json.loads(body)[0]["minWorkers"] == 2
+    path = serving.socket_path(server.management_address)  # docs/serving.md's command
+    status, body = curl("--unix-socket", path, "http://localhost/models/base_cnn")
+    assert status == 200 and json.loads(body)[0]["minWorkers"] == 2
 
 
 # ---- item 14: something to scrape ----------------------------------------------------------------
@@ -279,6 +278,43 @@ def test_cli_start_status_second_start_and_stop(tmp_path):
     with open(logs / "console.log") as f:
         assert "/predictions/" not in f.read()
     shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def test_a_zombie_is_a_stopped_process(tmp_path):
+    """In a container whose PID 1 is no init, the stopped server's processes are never reaped: they stay as
+    zombies. Stopping and status take them for stopped, at once, instead of waiting their timeouts out."""
+    import psutil
+    # A zombie that is not this process's child (those psutil reaps while waiting): a parent that never
+    # collects its child's exit status, as PID 1 of such a container does not.
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, time\n"
+                               "print(subprocess.Popen(['true']).pid, flush=True)\ntime.sleep(120)"],
+                              stdout=subprocess.PIPE, universal_newlines=True)
+    try:
+        zombie = psutil.Process(int(parent.stdout.readline()))
+        deadline = time.monotonic() + 30
+        while zombie.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert zombie.status() == psutil.STATUS_ZOMBIE and zombie.is_running()  # psutil alone: "running"
+        started = time.monotonic()
+        serving._stop_processes([zombie], timeout=60)
+        assert time.monotonic() - started < 5
+        state = tmp_path / "state"
+        state.mkdir()
+        (state / "server.json").write_text(json.dumps({"processes": [[zombie.pid, zombie.create_time()]]}))
+        status = run_cli(state, "status")
+        assert status.returncode == 1 and "not running" in status.stdout, status.stdout
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_make_status_with_nothing_running_is_not_an_error(tmp_path):
+    """`make status` says nothing runs and exits 0: make reports no error for an answer."""
+    result = subprocess.run(["make", "--no-print-directory", "status"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True, timeout=60,
+                            env=dict(os.environ, MAKEFLAGS=""))
+    assert result.returncode == 0, result.stderr
+    assert "Error" not in result.stderr and result.stdout.startswith("TorchServe is "), result.stdout + result.stderr
 
 
 BROKEN_HANDLER = '''
