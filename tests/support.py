@@ -13,6 +13,18 @@ TRAIN_DIR = os.path.join(FIXTURES, "train")  # 24 labeled images, Kaggle's flat 
 TEST1_DIR = os.path.join(FIXTURES, "test1")  # 4 unlabeled images, Kaggle's test1/ naming
 
 
+def require_command(name):
+    """Fail, never skip, when a prerequisite the README lists is missing: a skip would hide that its
+    commands were never checked. Returns the command's path."""
+    import pytest
+    import shutil
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail("%s is not installed: the README lists it as a prerequisite "
+                    "(Debian/Ubuntu: apt-get install -y %s)" % (name, name))
+    return path
+
+
 def run_cli(script, *args, timeout=300):
     """Run one of the project's entry points as a user would; returns CompletedProcess."""
     return subprocess.run([sys.executable, os.path.join(REPO_ROOT, script), *map(str, args)],

@@ -10,8 +10,8 @@ What it does:
   1. a Docker engine: the running one, or one started as tests/test_docker.py starts it;
   2. a minimal Debian 12 root file system (`debootstrap --variant=minbase`, imported as
      dogscats/debian-rootfs:bookworm, the same image deployment/standin/build.sh makes), plus
-     only what the README asks for: Python 3 with venv, and make (and git, to clone). No Java,
-     no curl, no compiler. Built once as dogscats/fresh-machine:bookworm and reused;
+     only what the README asks for (its apt-get line: Python 3 with venv, make, curl), and git to
+     clone. No Java, no compiler. Built once as dogscats/fresh-machine:bookworm and reused;
   3. the source: the working tree as it is now (tracked and untracked files, not ignored ones),
      committed in a temporary repository, so that uncommitted changes are tested too; the
      container makes a fresh `git clone` of it;
@@ -59,15 +59,22 @@ README_EVALUATE = ("python evaluate_main.py --conv_net efficientnet_lite0 --mode
                    "models/efficientnet_lite0/validated/model_efficientnet_lite0.pth --split val --json eval.json "
                    "--report eval.png")
 
+
+def readme_prerequisites():
+    """The Debian packages of the README's Quickstart line (`apt-get install -y ...`)."""
+    with open(os.path.join(REPO_ROOT, "README.md")) as f:
+        return re.search(r"`apt-get install -y ([^`]+)`", f.read()).group(1).split()
+
+
+# Only the README's prerequisites (Debian 12's python3 is 3.11), and git to clone.
 FRESH_DOCKERFILE = """FROM %s
-# Only the README's prerequisites: Python 3.11+ with venv (Debian 12's python3), and make (git to clone).
 RUN apt-get update \\
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-venv make git \\
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 PACKAGES git \\
     && rm -rf /var/lib/apt/lists/* \\
     && useradd -m user
 USER user
 WORKDIR /home/user
-"""
+""".replace("PACKAGES", " ".join(readme_prerequisites()))
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +112,7 @@ def fresh_image(rootfs, tmp_path_factory):
         docker("build", "--network", "host", "-t", FRESH_IMAGE, str(ctx), quiet=True, timeout=3600)
     # what the README does not list is not there
     missing = docker("run", "--rm", "--network", "none", FRESH_IMAGE, "bash", "-c",
-                     "for c in java curl gcc; do command -v $c >/dev/null && echo has-$c; done; python3 --version",
+                     "for c in java gcc; do command -v $c >/dev/null && echo has-$c; done; python3 --version",
                      quiet=True).stdout
     assert "has-" not in missing, missing
     assert re.search(r"Python 3\.(9|[1-9]\d)", missing), missing

