@@ -29,7 +29,8 @@
 #
 # An archive whose content equals the one already at the destination (the same files, byte
 # for byte, only the manifest's creation time differing) is left as it is: rebuilding an
-# unchanged model does not change a tracked file.
+# unchanged model does not change a tracked file. One that differs replaces it, and the
+# archive it replaces is kept beside it as NAME.mar.previous-<its time> (git-ignored).
 #
 # Exit status: 0 when at least one archive was built and nothing failed,
 # 1 when nothing was archived (all skipped), 2 on usage errors or failures.
@@ -124,9 +125,11 @@ if [ -n "$CONFIG_FILE" ] && [ ! -f "$CONFIG_FILE" ]; then
     echo "error: no config file $CONFIG_FILE" >&2; exit 2
 fi
 
+# The archiver installed beside that Python (a virtualenv's bin/, whether or not it is .venv), else PATH's.
 if [ -z "${TORCH_MODEL_ARCHIVER:-}" ]; then
-    if [ -x "$ROOT/.venv/bin/torch-model-archiver" ]; then
-        TORCH_MODEL_ARCHIVER="$ROOT/.venv/bin/torch-model-archiver"
+    PYTHON_BIN="$(dirname "$(command -v "$PYTHON" || echo "$PYTHON")")"
+    if [ -x "$PYTHON_BIN/torch-model-archiver" ]; then
+        TORCH_MODEL_ARCHIVER="$PYTHON_BIN/torch-model-archiver"
     else
         TORCH_MODEL_ARCHIVER=torch-model-archiver
     fi
@@ -247,6 +250,14 @@ PY
         then
             echo "unchanged $EXPORT_PATH/$name.mar (same content; left as it is)"
         else
+            # Never replace an archive by surprise (the shipped ones included): as training does with a
+            # model, the one there is kept, hard-linked under a name TorchServe's "all" and the
+            # Dockerfile's *.mar do not pick up, before the new one is renamed over it.
+            if [ -f "$EXPORT_PATH/$name.mar" ]; then
+                kept="$EXPORT_PATH/$name.mar.previous-$(date -r "$EXPORT_PATH/$name.mar" +%Y%m%d-%H%M%S)"
+                ln -f "$EXPORT_PATH/$name.mar" "$kept"
+                echo "kept the previous $name.mar as $kept"
+            fi
             mv -f "$STAGE/out/$name.mar" "$EXPORT_PATH/$name.mar"
             echo "built $EXPORT_PATH/$name.mar"
         fi

@@ -30,6 +30,9 @@ done
 if [ -z "${PYTHON:-}" ]; then
     if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
+# That interpreter's bin/ first on PATH: its torch-model-archiver, torchserve and the workers' python.
+PATH="$(dirname "$(command -v "$PYTHON")"):$PATH"
+export PYTHON PATH
 export RUN_DOCKER_TESTS=1
 START=$(date +%s)
 set +e

@@ -106,8 +106,20 @@ def docker_answers():
 
 
 def image_exists(ref):
-    return subprocess.run(["docker", "image", "inspect", ref], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL).returncode == 0
+    return image_id(ref) is not None
+
+
+def image_id(ref):
+    proc = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", ref], stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, universal_newlines=True)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def drop_replaced(ref, previous_id):
+    """Remove the image `ref` named before a rebuild moved the tag to a new one: otherwise every rerun
+    leaves the previous build behind, dangling (`<none>`). One still used elsewhere stays."""
+    if previous_id and image_id(ref) != previous_id:
+        subprocess.run(["docker", "rmi", previous_id], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def curl_predict(url, image):
@@ -382,9 +394,11 @@ def build_context(model_store, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def project_image(base_image, build_context, ort_wheels):
+    previous = image_id(TEST_IMAGE)
     with timed("docker build deployment/Dockerfile"):
         docker("build", "--network", "host", "-t", TEST_IMAGE, "--build-arg", "BASE_IMAGE=" + base_image,
                "--build-arg", "PIP_ARGS=" + ort_wheels, build_context, quiet=True)
+    drop_replaced(TEST_IMAGE, previous)
     yield TEST_IMAGE
     if RMI:
         say("removing %s" % TEST_IMAGE)
@@ -620,9 +634,11 @@ def test_compose_file_binds_loopback_and_serves(project_image, base_image, build
         with open(compose_file, "w") as f:
             yaml.safe_dump({"services": {"torchserve": service}}, f)
     base = cmd + ["-p", PREFIX, "-f", compose_file]
+    previous = image_id(project_image)
     try:
         with timed("docker compose up --build until healthy"):
             run(base + ["up", "-d", "--build"], env=env, quiet=True)
+            drop_replaced(project_image, previous)
             container = run(base + ["ps", "-q", "torchserve"], env=env, quiet=True).stdout.strip()
             assert container, "compose started no container"
             wait_healthy(container)

@@ -124,6 +124,14 @@ def test_archive_backends_and_an_unchanged_rebuild(checkpoint, tmp_path):
     result = run_archive("--export-path", onnx_store, "base_cnn=%s" % checkpoint)
     assert result.returncode == 0 and "unchanged" in result.stdout, result.stdout
     assert open(os.path.join(onnx_store, "base_cnn.mar"), "rb").read() == before
+    # One that differs replaces it, and the one it replaces is kept beside it, as training keeps a model: under
+    # a name that neither TorchServe's load_models=all nor the Dockerfile's model-store/*.mar picks up.
+    result = run_archive("--backend", "torch", "--export-path", onnx_store, "base_cnn=%s" % checkpoint)
+    assert result.returncode == 0, result.stdout
+    kept = [n for n in os.listdir(onnx_store) if n.startswith("base_cnn.mar.previous-")]
+    assert len(kept) == 1 and "kept the previous base_cnn.mar as %s" % os.path.join(onnx_store, kept[0]) in result.stdout
+    assert open(os.path.join(onnx_store, kept[0]), "rb").read() == before
+    assert manifest(os.path.join(onnx_store, "base_cnn.mar"))[0]["serializedFile"] == "model_base_cnn.pth"
     bad = run_archive("--backend", "tensorrt", "base_cnn=%s" % checkpoint)
     assert bad.returncode == 2 and "--backend must be onnx or torch" in bad.stdout
 
