@@ -90,6 +90,18 @@ def find_labeled_images(root, classes=CLASSES):
     return samples
 
 
+def data_fingerprint(root, samples=None):
+    """What a split is made from: how many labeled images `root` holds and the SHA-256 of their names
+    (relative to `root`) and labels, in order. Training records it in the meta JSON; evaluation
+    compares it with a folder's own, to tell whether re-creating the split there gives the same images."""
+    import hashlib
+    samples = find_labeled_images(root) if samples is None else samples
+    digest = hashlib.sha256()
+    for path, label in samples:
+        digest.update(("%s\t%d\n" % (os.path.relpath(path, root).replace(os.sep, "/"), label)).encode())
+    return {"images": len(samples), "sha256": digest.hexdigest()}
+
+
 def numeric_stem_key(path):
     """Sort key: numeric file stems numerically (2 < 10), the rest alphabetically after them."""
     stem = os.path.splitext(os.path.basename(path))[0]

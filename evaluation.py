@@ -7,7 +7,7 @@ import math
 import os
 import sys
 
-from dataset import DataError, training_samples
+from dataset import DataError, data_fingerprint, training_samples
 from models import CLASSES
 from parsers import DEFAULT_DATA_DIR
 
@@ -69,7 +69,8 @@ def training_split(meta, split, data_dir=None):
     if "validation_split" not in args or "seed" not in args:
         raise DataError("the checkpoint's JSON does not record training's split (args.validation_split, "
                         "args.seed); evaluate a labeled folder with --data_dir and --split all")
-    if not data_dir:
+    picked = not data_dir
+    if picked:
         # The folder training recorded is where *that* machine kept the images (the shipped models
         # say ../shared/...); on another machine the README puts them in data/train, train_main.py's
         # default. Training's own folder wins where it exists, so a model trained here is scored on
@@ -78,13 +79,11 @@ def training_split(meta, split, data_dir=None):
         candidates = [d for d in (recorded, DEFAULT_DATA_DIR) if d]
         data_dir = next((d for d in candidates if os.path.isdir(d)), None)
         if data_dir is None:
-            raise DataError("training's data folder %s is not here, nor is %s: pass --data_dir"
-                            % (recorded or "(not recorded)", DEFAULT_DATA_DIR))
-        if data_dir != recorded:
-            # The split is re-created from the file names: the same images only if this folder holds the
-            # same files as training's did (the shipped models: the 12,000-image subset, not Kaggle's 25,000).
-            print("warning: training's folder %s is not here; re-creating its split from %s (the same images only "
-                  "if it holds the same files)" % (recorded, data_dir), file=sys.stderr)
+            raise DataError("training's data folder %s is not here, nor is %s: pass --data_dir%s"
+                            % (recorded or "(not recorded)", DEFAULT_DATA_DIR, _source(meta)))
+    warning = split_warning(meta, data_dir, picked)
+    if warning:
+        print("warning: " + warning, file=sys.stderr)
     train, val = training_samples(data_dir, args["validation_split"], args["seed"], args.get("dry_run"),
                                   args.get("batch_size"))
     chosen = val if split == "val" else train
@@ -94,6 +93,32 @@ def training_split(meta, split, data_dir=None):
             args["validation_split"], "; its recipe was validated by %s: score that with --model_path %s --split val"
             % (validated, validated) if validated else ""))
     return data_dir, chosen
+
+
+def _source(meta):
+    source = (meta.get("data") or {}).get("source")
+    return " (training's images: %s)" % source if source else ""
+
+
+def split_warning(meta, data_dir, picked=True):
+    """Why re-creating training's split from `data_dir` may not give training's images, or None when it does.
+
+    The split is re-created from the file names, so it is training's own exactly when the folder holds
+    the files training's did: the meta JSON's `data` fingerprint says which (dataset.data_fingerprint).
+    A checkpoint without one is trusted in the folder it names, or in one the user chose (`picked` False)."""
+    recorded = (meta.get("data") or {})
+    if "sha256" not in recorded:
+        if not picked or data_dir == (meta.get("args") or {}).get("data_dir"):
+            return None
+        return ("the checkpoint does not record which files its split was made from; re-creating it from %s "
+                "gives training's images only if that folder holds the same files as training's %s"
+                % (data_dir, (meta.get("args") or {}).get("data_dir")))
+    here = data_fingerprint(data_dir)
+    if here["sha256"] == recorded["sha256"]:
+        return None
+    return ("%s holds %d labeled images, not the %d the checkpoint's split was made from%s: the re-created split is "
+            "not training's, and some of its images were trained on, so the figures are optimistic"
+            % (data_dir, here["images"], recorded.get("images", 0), _source(meta)))
 
 
 def score_samples(predictor, samples, batch_size=32, num_workers=0, worst=12, desc="evaluating"):

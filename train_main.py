@@ -9,7 +9,7 @@ from dataclasses import asdict, fields
 import torch
 
 from calibration import describe as describe_calibration
-from dataset import DataError, DecodedImages, decode_images, training_samples
+from dataset import DataError, DecodedImages, data_fingerprint, decode_images, training_samples
 from distributed import Cluster, setup
 from hardware import pick_precision
 from models import CLASSES, MODELS, PretrainedWeightsError, build_model, set_serving_size, smallest_img_size
@@ -127,7 +127,7 @@ def build_trainer(config, cluster=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, min(total // 10, steps_per_epoch)))
     # img_size is what prediction and serving feed the model; train_img_size what it trained on.
     meta = dict(conv_net=config.conv_net, img_size=config.eval_img_size, train_img_size=config.img_size,
-                classes=list(CLASSES),
+                classes=list(CLASSES), data=data_fingerprint(config.data_dir),
                 dropout=config.dropout, precision=precision, args=asdict(config), world_size=cluster.world_size)
     print("training %s on %s (%s) for %d epochs%s" % (
         config.conv_net, device, precision, config.epochs, ", %d processes x batch %d" % (

@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 
-from tests.support import TRAIN_DIR
+from tests.support import REPO_ROOT, TRAIN_DIR
 import evaluate_main
 import train_main
-from dataset import find_labeled_images, stratified_split
+from dataset import data_fingerprint, find_labeled_images, stratified_split
 import evaluation
 from evaluation import compute_metrics, log_loss
 from models import CLASSES, build_model, set_serving_size
@@ -135,14 +135,64 @@ def moved_model(tmp_path, trained):
 
 
 def test_validation_split_falls_back_to_the_readme_folder(tmp_path, trained, monkeypatch, capsys):
-    """Training's recorded folder is gone (another machine): data/train, where the README puts the images."""
+    """Training's recorded folder is gone (another machine): data/train, where the README puts the images.
+    It holds the very files training split (the JSON's fingerprint says so): nothing to warn about."""
     model = moved_model(tmp_path, trained)
     shutil.copytree(TRAIN_DIR, tmp_path / "data" / "train")
     monkeypatch.chdir(tmp_path)
     report = run_evaluate(tmp_path, "--model_path", model, "--split", "val")
     assert report["data_dir"] == os.path.join("data", "train")
     assert report["images"] == 12 and report["accuracy"] == trained[1]["val_acc"]  # same files, same split
-    assert "re-creating its split from data/train" in capsys.readouterr().err
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_a_folder_with_other_files_is_named_in_a_warning(tmp_path, trained, monkeypatch, capsys):
+    """data/train holds one image more than training's folder did (Kaggle's 25,000 against the shipped
+    models' 12,000, say): the re-created split is not training's, and the warning says so with the counts."""
+    model = moved_model(tmp_path, trained)
+    shutil.copytree(TRAIN_DIR, tmp_path / "data" / "train")
+    shutil.copy(os.path.join(TRAIN_DIR, "cat.0.jpg"), tmp_path / "data" / "train" / "cat.999.jpg")
+    monkeypatch.chdir(tmp_path)
+    run_evaluate(tmp_path, "--model_path", model, "--split", "val")
+    err = capsys.readouterr().err
+    assert "warning: data/train holds 25 labeled images, not the 24 the checkpoint's split was made from" in err
+
+
+def test_a_checkpoint_without_a_fingerprint_warns_only_in_a_folder_it_did_not_name(tmp_path, trained, monkeypatch,
+                                                                                    capsys):
+    path, meta = trained
+    older = json.loads(json.dumps(meta))
+    del older["data"]  # as checkpoints written before training recorded it
+    shutil.copy(path, tmp_path / "older.pth")
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    run_evaluate(tmp_path, "--model_path", str(tmp_path / "older.pth"), "--split", "val")  # its own folder
+    assert "warning" not in capsys.readouterr().err
+    older["args"]["data_dir"] = str(tmp_path / "gone")
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    shutil.copytree(TRAIN_DIR, tmp_path / "data" / "train")
+    monkeypatch.chdir(tmp_path)
+    run_evaluate(tmp_path, "--model_path", str(tmp_path / "older.pth"), "--split", "val")
+    assert "does not record which files its split was made from" in capsys.readouterr().err
+
+
+def test_the_shipped_models_record_their_images_in_terms_a_user_can_act_on():
+    """The shipped models trained on a 12,000-image subset of Kaggle's train.zip, in a folder of the machine
+    that trained them: their JSON names the subset, and models/training_images.txt lists its files, which
+    is what the fingerprint is computed from."""
+    from models import MODELS, weights_path
+    from models.checkpoint import read_meta
+    with open(os.path.join(REPO_ROOT, "models", "training_images.txt")) as f:
+        listed = f.read().split()
+    samples = [(os.path.join(REPO_ROOT, name), CLASSES.index(name.split(".")[0])) for name in sorted(listed)]
+    expected = data_fingerprint(REPO_ROOT, samples)
+    shipped = [os.path.join(REPO_ROOT, weights_path(name)) for name in MODELS]
+    shipped = [path for path in shipped if os.path.isfile(path)]
+    shipped.append(os.path.join(REPO_ROOT, "models/efficientnet_lite0/validated/model_efficientnet_lite0.pth"))
+    assert len(shipped) == 3
+    for path in shipped:
+        data = read_meta(path)["data"]
+        assert (data["images"], data["sha256"]) == (expected["images"], expected["sha256"]) == (12000, data["sha256"])
+        assert "models/training_images.txt" in data["source"] and "train.zip" in data["source"]
 
 
 def test_validation_split_without_any_folder_is_one_line(tmp_path, trained, capsys, monkeypatch):
