@@ -75,3 +75,23 @@ def test_export_reproduces_the_shipped_onnx_byte_for_byte(tmp_path, name):
                       "--out", out, "--force"])
     with open(shipped, "rb") as a, open(out, "rb") as b:
         assert a.read() == b.read(), "%s is not what export_main.py --force makes of the shipped weights" % shipped
+
+
+def test_what_the_readme_commands_leave_behind_is_ignored_by_git():
+    """A fresh clone stays clean after the README's commands: what they write that never ships is ignored
+    (the VGG commands' weights, export and resume checkpoint; the copies kept of a replaced model or
+    archive; predictions, evaluations, runs and the server's state)."""
+    written = ["models/vgg/model_vgg.pth", "models/vgg/model_vgg.json", "models/vgg/model_vgg.onnx",
+               "models/vgg/model_vgg.resume.pt", "models/vgg/model_vgg.metrics.jsonl", "models/vgg/model_vgg.curve.png",
+               "models/base_cnn/model_base_cnn.previous-20260101-000000.pth",
+               "models/base_cnn/model_base_cnn.previous-20260101-000000.json",
+               "deployment/model-store/base_cnn.mar.previous-20260101-000000",
+               "runs/base_cnn/model_base_cnn.pth", "submission.csv", "eval.json", "eval.png", "2124_prediction.png",
+               "data/train/cat.0.jpg", "logs/ts_log.log", ".torchserve/server.json"]
+    result = subprocess.run(["git", "check-ignore", "--no-index"] + written, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            universal_newlines=True)
+    assert sorted(result.stdout.split()) == sorted(written)
+    shipped = ["models/vgg/vgg.py", "deployment/model-store/base_cnn.mar", "models/base_cnn/model_base_cnn.pth"]
+    result = subprocess.run(["git", "check-ignore", "--no-index"] + shipped, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            universal_newlines=True)
+    assert result.stdout == ""
