@@ -195,21 +195,26 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, precision, desc
     return total_loss / max(seen, 1), correct / max(seen, 1)
 
 
-def evaluate(model, loader, device, precision):
-    """Mean cross-entropy and accuracy of `model` over `loader`."""
-    total_loss, correct, seen = evaluate_sums(model, loader, device, precision)
+def evaluate(model, loader, device, precision=None):
+    """Mean cross-entropy and accuracy of `model` over `loader`, scored in fp32 whatever `precision`
+    (training's, accepted for its callers) says: see evaluate_sums."""
+    total_loss, correct, seen = evaluate_sums(model, loader, device)
     return total_loss / max(seen, 1), correct / max(seen, 1)
 
 
 @torch.no_grad()
-def evaluate_sums(model, loader, device, precision):
-    """(summed cross-entropy, correct, images) of `model` over `loader`: sums add up across ranks."""
+def evaluate_sums(model, loader, device):
+    """(summed cross-entropy, correct, images) of `model` over `loader`: sums add up across ranks.
+
+    Always in fp32, never under training's bf16 autocast: the weights are saved, and evaluated,
+    exported, predicted with and served, in fp32, so the validation figures that choose and
+    describe them (the meta JSON, metrics.jsonl) must be theirs, not those of a bf16 forward pass
+    (which differ in the 4th decimal of the loss). Calibration scores in fp32 too."""
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
     for images, labels in loader:
         x, y = prepare_batch(images, device), labels.to(device)
-        with _autocast(device, precision):
-            logits = model(x).float()
+        logits = model(x).float()
         total_loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
@@ -337,7 +342,7 @@ class Trainer:
         """(loss, accuracy) of `model` on the validation split. Each rank scores its own share of the
         images (no padding, no duplicates): the summed figures are those of one process scoring them all."""
         total_loss, correct, seen = self.cluster.sum(*evaluate_sums(
-            model, self._loader(self.val_set, False, epoch), self.device, self.precision))
+            model, self._loader(self.val_set, False, epoch), self.device))
         return total_loss / max(seen, 1), correct / max(seen, 1)
 
     def fit(self):

@@ -22,6 +22,7 @@ from tests.support import REPO_ROOT, TRAIN_DIR, assert_same_weights, wait_for_fi
 from ddp_probe import digests
 from dataset import DecodedImages, decode_images, find_labeled_images, stratified_split
 from distributed import _ProblemsOnly
+from hardware import pick_precision
 from models import build_model
 from train import evaluate
 
@@ -78,7 +79,9 @@ def test_every_rank_ends_with_the_same_weights_and_rank_0_alone_writes_and_print
     lines = result.stdout.splitlines()
     assert [int(line.split()[1]) for line in lines if line.startswith("epoch")] == list(range(1, EPOCHS + 1))
     assert lines.count("best model: %s" % (work / "run" / "m.pth")) == 1
-    assert result.stderr.count("training base_cnn on cpu (fp32) for %d epochs, 2 processes x batch 4" % EPOCHS) == 1
+    precision = pick_precision("auto", torch.device("cpu"))  # bf16 on a CPU with AMX, else fp32
+    assert result.stderr.count("training base_cnn on cpu (%s) for %d epochs, 2 processes x batch 4"
+                               % (precision, EPOCHS)) == 1
     assert result.stderr.count("18 training images at 32 px, 6 validation images at 32 px") == 1
     assert "[rank 1]" not in result.stderr  # rank 1 had nothing of its own to say
 
