@@ -401,7 +401,8 @@ class TorchServe(object):
 
     def wait_ready(self, model, exclude_pids=(), deadline=None, timeout=300):
         """Wait until `model` has minWorkers READY workers (none of them in exclude_pids)."""
-        deadline = deadline or time.monotonic() + timeout
+        waited_from = time.monotonic()
+        deadline = deadline or waited_from + timeout
         mar = self.models.get(model, model + ".mar")
         while True:
             if self.process is not None and self.process.poll() is not None:
@@ -421,7 +422,7 @@ class TorchServe(object):
                 pass
             if time.monotonic() > deadline:
                 raise TorchServeError("%s has no READY worker after %.0f s: %s"
-                                      % (model, self.start_timeout, self._worker_reason(model)))
+                                      % (model, time.monotonic() - waited_from, self._worker_reason(model)))
             time.sleep(0.5)
 
     def _load_failure(self, model, mar):

@@ -6,7 +6,8 @@ models.ModelSpec (img_size, lr, ...) takes its default from the model's registry
 from dataclasses import fields
 
 from models import MODELS, ModelSpec
-from parsers import DEFAULT_DATA_DIR, DefaultsHelpFormatter, OneLineErrorParser, positive_int, unit_fraction
+from parsers import (DEFAULT_DATA_DIR, DefaultsHelpFormatter, OneLineErrorParser, non_negative_int, positive_int,
+                     unit_fraction)
 
 # A flag named like one of these takes its default from the model: None on the command line, the
 # registry's value in training.
@@ -83,7 +84,7 @@ def build_parser():
     flag("--eval_img_size", type=positive_int, help="resolution for validation, prediction and serving; "
          "with an --img_size other than the model's, that --img_size")
     flag("--seed", type=int, default=0, help="seed of the split, initialisation, shuffling and augmentation")
-    flag("--num_workers", type=int, default=2, help="threads that decode the images once, and processes that augment batches")
+    flag("--num_workers", type=non_negative_int, default=2, help="threads that decode the images once, and processes that augment batches")
     flag("--precision", choices=["auto", "fp32", "bf16"], default="auto",
          help="bf16 autocast or fp32; auto picks bf16 only where the hardware is fast at it "
               "(CUDA with bf16, or a CPU with AMX), since elsewhere bf16 is slower than fp32")

@@ -1,7 +1,9 @@
 """pytest fixtures shared by the test files. Paths and functions they import by name are in tests/support.py."""
+import atexit
 import os
 import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -10,6 +12,11 @@ if ROOT not in sys.path:  # the project's modules (dataset, train, models...) an
     sys.path.insert(0, ROOT)
 
 from tests.support import TEST1_DIR, TRAIN_DIR  # noqa: E402
+
+# torch's download cache is a fresh empty folder for the whole suite (subprocesses inherit it): weights a
+# developer downloaded once never make a test pass or fail; tests.support.OFFLINE_ENV makes a command offline.
+os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="dogscats-test-torch-home-")
+atexit.register(shutil.rmtree, os.environ["TORCH_HOME"], True)
 
 
 @pytest.fixture

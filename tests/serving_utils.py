@@ -108,8 +108,8 @@ def eps_bytes():
 
 
 # ---- the server ------------------------------------------------------------------------------
-# The runner is product code (serving.py: `make serve` uses it too); these names stay importable
-# from here for the tests and bench/ that import them.
+# The runner is product code (serving.py: `make serve` and bench/ use it too); the tests import it
+# from here.
 
 class TorchServe(serving.TorchServe):
     __doc__ = serving.TorchServe.__doc__

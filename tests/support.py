@@ -13,6 +13,12 @@ TRAIN_DIR = os.path.join(FIXTURES, "train")  # 24 labeled images, Kaggle's flat 
 TEST1_DIR = os.path.join(FIXTURES, "test1")  # 4 unlabeled images, Kaggle's test1/ naming
 
 
+# A command run with these has no way to download anything (HTTPS goes to a closed loopback port) and finds no
+# cached weights (conftest.py empties TORCH_HOME): "offline" means the same on every machine.
+OFFLINE_ENV = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+               "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}
+
+
 def require_command(name):
     """Fail, never skip, when a prerequisite the README lists is missing: a skip would hide that its
     commands were never checked. Returns the command's path."""
@@ -25,10 +31,11 @@ def require_command(name):
     return path
 
 
-def run_cli(script, *args, timeout=300):
-    """Run one of the project's entry points as a user would; returns CompletedProcess."""
+def run_cli(script, *args, timeout=300, env=None):
+    """Run one of the project's entry points as a user would; returns CompletedProcess. env: added variables."""
     return subprocess.run([sys.executable, os.path.join(REPO_ROOT, script), *map(str, args)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, **(env or {})))
 
 
 def wait_for_first_epoch(proc, metrics, timeout):

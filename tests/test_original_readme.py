@@ -18,6 +18,7 @@ from torch import nn
 
 from tests.serving_utils import (REPO_ROOT, TEST1_DIR, TRAIN_DIR, VENV_BIN, TorchServe, dog_probability,
                                  fixture_bytes, post, read_json_response)
+from tests.support import OFFLINE_ENV
 
 # The original README's commands, verbatim (its line continuations included).
 ORIGINAL_TRAIN = {
@@ -59,9 +60,9 @@ def user_copy(directory):
     return directory
 
 
-def shell(command, cwd, timeout=900):
+def shell(command, cwd, timeout=900, env=None):
     """A README command in bash, with the virtualenv activated (its python, torchserve, archiver)."""
-    env = dict(os.environ, PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""), MPLBACKEND="Agg")
+    env = dict(os.environ, PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""), MPLBACKEND="Agg", **(env or {}))
     env.pop("DISPLAY", None)
     return subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
@@ -111,7 +112,7 @@ def test_original_base_cnn_training_command(training_copy):
 
 
 def test_original_vgg_training_command_offline_is_one_line(training_copy):
-    result = shell(ORIGINAL_TRAIN["vgg"] + SHRINK, training_copy, timeout=300)
+    result = shell(ORIGINAL_TRAIN["vgg"] + SHRINK, training_copy, timeout=300, env=OFFLINE_ENV)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--pretrained_weights PATH" in lines[0], result.stderr

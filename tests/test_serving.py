@@ -248,8 +248,6 @@ def _predict_main(conv_net, weights, img_dir, csv_path, backend):
 PREDICT_MAIN_CASES = [("base_cnn", None), ("vgg", None)] + [(None, name) for name in SHIPPED]
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(REPO_ROOT, "predict_main.py")),
-                    reason="predict_main.py not written yet")
 @pytest.mark.parametrize("test_model,shipped", PREDICT_MAIN_CASES,
                          ids=[m or "shipped_" + s for m, s in PREDICT_MAIN_CASES])
 def test_answers_equal_predict_main(request, checkpoints, tmp_path, test_model, shipped):
