@@ -57,15 +57,20 @@ def _value_text(value):
     return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
+def changed_flags(saved, config, may_differ, now_word):
+    """'--flag OLD (now NEW)' for every flag of `config` whose value differs from the recorded args `saved`,
+    except those in `may_differ`: what --resume and --calibration_from refuse, in their words."""
+    now = asdict(config)
+    return ["%s %s (%s %s)" % (option_name(name), _value_text(saved[name]), now_word, _value_text(now[name]))
+            for name in now if name in saved and saved[name] != now[name] and name not in may_differ]
+
+
 def check_same_run(state, config, path):
     """A --resume checkpoint goes on only with the flags its run was started with (nanoGPT does the
     same): a changed model, image size, batch size, optimizer or split would otherwise be a
     load_state_dict traceback, or worse, silently ignored (the optimizer's state holds its own lr).
     RESUME_MAY_CHANGE lists the exceptions, --epochs first. A checkpoint without "args" is not checked."""
-    saved, now = state.get("args") or {}, asdict(config)
-    changed = ["%s %s (now %s)" % (option_name(name), _value_text(saved[name]), _value_text(now[name]))
-               for name in now if name in saved and saved[name] != now[name]
-               and name not in RESUME_MAY_CHANGE + RESUME_IGNORES]
+    changed = changed_flags(state.get("args") or {}, config, RESUME_MAY_CHANGE + RESUME_IGNORES, "now")
     if changed:
         raise CheckpointError("%s was started with %s; resume with the flags it was started with (only %s may "
                               "change), or %s" % (path, ", ".join(changed),
@@ -88,9 +93,8 @@ def carried_calibration(config):
     if not report:
         raise CheckpointError("--calibration_from: %s has no calibration in its meta JSON (%s); pass a model trained "
                               "with a validation split" % (path, sidecar_path(path, ".json")))
-    saved, now = meta.get("args") or {}, asdict(config)
-    changed = ["%s %s (here %s)" % (option_name(name), _value_text(saved[name]), _value_text(now[name]))
-               for name in now if name in saved and saved[name] != now[name] and name not in CALIBRATION_MAY_DIFFER]
+    saved = meta.get("args") or {}
+    changed = changed_flags(saved, config, CALIBRATION_MAY_DIFFER, "here")
     if changed or not saved:
         raise CheckpointError("--calibration_from: %s was trained with %s; its calibration fits only a final fit "
                               "with its flags" % (path, ", ".join(changed) or "flags its JSON does not record"))
