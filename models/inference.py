@@ -103,6 +103,27 @@ def sample_batch(img_size, folder=SAMPLE_IMAGES, limit=32):
     return torch.stack([transform(open_rgb(p, img_size)) for p in paths])
 
 
+def _drop_stack_traces(proto):
+    """Remove the Python stack trace the exporter records on each node: it names the absolute path of the
+    checkout the export ran in, so two checkouts of the same weights and code would write different files.
+    Without it an export is a function of the weights and the code alone (tests/test_shipped.py rebuilds
+    the shipped ones byte for byte); the rest of the nodes' metadata (module and FX names) stays."""
+    def graphs(graph):
+        yield graph
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    yield from graphs(attr.g)
+                for sub in attr.graphs:
+                    yield from graphs(sub)
+    for container in list(graphs(proto.graph)) + list(proto.functions):
+        for node in container.node:
+            kept = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+            if len(kept) != len(node.metadata_props):
+                del node.metadata_props[:]
+                node.metadata_props.extend(kept)
+
+
 def export_onnx(conv_net, model_path, out_path=None, check_images=SAMPLE_IMAGES, atol=EXPORT_ATOL):
     """Export the checkpoint to ONNX (dynamic batch axis, fixed image side), check it, write it atomically.
 
@@ -126,6 +147,7 @@ def export_onnx(conv_net, model_path, out_path=None, check_images=SAMPLE_IMAGES,
     except Exception as exc:
         raise ExportError("exporting %s to ONNX failed: %s\n%s" % (model_path, exc, quiet.getvalue()[-2000:]))
     proto = program.model_proto
+    _drop_stack_traces(proto)
     for key, value in (("conv_net", conv_net), ("img_size", str(img_size)),
                        ("classes", ",".join(meta.get("classes") or CLASSES)),
                        ("source", os.path.basename(model_path)), ("source_sha256", file_sha256(model_path)),

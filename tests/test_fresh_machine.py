@@ -172,7 +172,8 @@ def test_readme_lists_the_commands_run_here():
         readme = " ".join(f.read().replace("\\\n", " ").split())
     for command in ("make serve", "make stop", README_PREDICT, README_SUBMISSION, README_EVALUATE):
         assert command in readme, command
-    assert "Needs Python 3.11+ with `venv`" in readme and "and `make`" in readme
+    assert "Needs Python 3.11+ with `venv`" in readme
+    assert set(readme_prerequisites()) == {"python3-venv", "make", "curl"}  # what the container installs
 
 
 @needs_docker
