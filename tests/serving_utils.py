@@ -52,8 +52,8 @@ def run_archive(*args, timeout=300):
                           env=dict(os.environ, PYTHON=sys.executable))
 
 
-def archive(export_path, conv_net, checkpoint, config_file=None, archive_format="default"):
-    args = ["--export-path", export_path, "--archive-format", archive_format]
+def archive(export_path, conv_net, checkpoint, config_file=None, archive_format="default", backend="onnx"):
+    args = ["--export-path", export_path, "--archive-format", archive_format, "--backend", backend]
     if config_file:
         args += ["--config-file", config_file]
     result = run_archive(*(args + ["%s=%s" % (conv_net, checkpoint)]))

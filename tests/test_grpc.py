@@ -50,10 +50,9 @@ def stubs(tmp_path_factory):
     sys.path.remove(str(stub_dir))
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with serving.TorchServe(str(tmp_path_factory.mktemp("grpc")), SHIPPED_STORE, {"base_cnn": "base_cnn.mar"}) as ts:
-        yield ts
+@pytest.fixture
+def server(shipped_server):  # the session's (conftest.py)
+    return shipped_server
 
 
 def test_documented_python_example_answers_like_http(server, stubs):

@@ -255,23 +255,22 @@ def test_readiness_command_fails_without_a_server_or_a_model_to_check(stub):
 
 
 @pytest.mark.skipif(not shipped_models(), reason="needs the archives of deployment/model-store")
-def test_probes_against_a_real_torchserve_serving_the_shipped_archives(tmp_path):
+def test_probes_against_a_real_torchserve_serving_the_shipped_archives(shipped_server):
     """The readiness command (over the management socket, as in the pod), /ping and the Prometheus
-    endpoint, with the settings the pod gets."""
+    endpoint, on the session's server: the settings the pod gets (its metrics mode is the shipped one)."""
     import serving
-    settings = container_settings()
+    assert container_settings()["metrics_mode"] == dict(serving.read_properties(serving.SHIPPED_CONFIG))["metrics_mode"]
     models = shipped_models()
-    with serving.TorchServe(str(tmp_path), STORE, {m: m + ".mar" for m in models},
-                            overrides={"metrics_mode": settings["metrics_mode"]}) as server:
-        assert server.management_address.startswith("unix:/")
-        result = run_readiness(server.management_address)
-        assert result.returncode == 0, result.stderr
-        assert run_readiness(server.management_address, ["base_cnn", "nosuch"]).returncode != 0
-        assert requests.get(server.url("/ping"), timeout=10).status_code == 200
-        with open(os.path.join(TEST1_DIR, "1.jpg"), "rb") as f:
-            image = f.read()
-        for model in models:  # a request each, so that there are inference metrics
-            assert requests.post(server.predict_url(model), data=image, timeout=60).status_code == 200
-        metrics = requests.get("http://127.0.0.1:%d/metrics" % server.metrics_port, timeout=10)
-        assert metrics.status_code == 200
-        assert re.search(r"(?m)^# TYPE \w+ (counter|gauge|histogram)$", metrics.text), metrics.text[:500]
+    server = shipped_server
+    assert server.management_address.startswith("unix:/")
+    result = run_readiness(server.management_address)
+    assert result.returncode == 0, result.stderr
+    assert run_readiness(server.management_address, ["base_cnn", "nosuch"]).returncode != 0
+    assert requests.get(server.url("/ping"), timeout=10).status_code == 200
+    with open(os.path.join(TEST1_DIR, "1.jpg"), "rb") as f:
+        image = f.read()
+    for model in models:  # a request each, so that there are inference metrics
+        assert requests.post(server.predict_url(model), data=image, timeout=60).status_code == 200
+    metrics = requests.get("http://127.0.0.1:%d/metrics" % server.metrics_port, timeout=10)
+    assert metrics.status_code == 200
+    assert re.search(r"(?m)^# TYPE \w+ (counter|gauge|histogram)$", metrics.text), metrics.text[:500]

@@ -42,12 +42,11 @@ pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(SHIPPED_STORE, "
                                 reason="needs deployment/model-store/base_cnn.mar (deployment/archive.sh)")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The shipped config as it is (management on a Unix socket), base_cnn's shipped archive."""
-    workdir = str(tmp_path_factory.mktemp("operator"))
-    with serving.TorchServe(workdir, SHIPPED_STORE, {"base_cnn": "base_cnn.mar"}) as ts:
-        yield ts
+@pytest.fixture
+def server(shipped_server):
+    """The session's server (conftest.py): the shipped config as it is (management on a Unix socket), the
+    shipped archives."""
+    return shipped_server
 
 
 def shipped_settings():
@@ -126,11 +125,17 @@ def test_no_tcp_port_changes_or_stops_what_is_served(server):
 
 
 def test_owner_can_still_scale_over_the_socket(server):
-    status, body = server.manage("PUT", "models/base_cnn?min_worker=2&max_worker=2&synchronous=true", timeout=120)
-    assert status == 200, body
-    path = serving.socket_path(server.management_address)  # docs/serving.md's command
-    status, body = curl("--unix-socket", path, "http://localhost/models/base_cnn")
-    assert status == 200 and json.loads(body)[0]["minWorkers"] == 2
+    before = server.describe("base_cnn")
+    try:
+        status, body = server.manage("PUT", "models/base_cnn?min_worker=2&max_worker=2&synchronous=true", timeout=120)
+        assert status == 200, body
+        path = serving.socket_path(server.management_address)  # docs/serving.md's command
+        status, body = curl("--unix-socket", path, "http://localhost/models/base_cnn")
+        assert status == 200 and json.loads(body)[0]["minWorkers"] == 2
+    finally:  # the session's server, as the other tests expect it
+        status, body = server.manage("PUT", "models/base_cnn?min_worker=%d&max_worker=%d&synchronous=true"
+                                     % (before["minWorkers"], before["maxWorkers"]), timeout=120)
+        assert status == 200, body
 
 
 # ---- item 14: something to scrape ----------------------------------------------------------------
