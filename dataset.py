@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from models import CLASSES
-from models.transforms import ImageDecodeError, open_rgb, resize, to_uint8_tensor
+from models.transforms import ImageError, open_rgb, resize, to_uint8_tensor
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -167,7 +167,7 @@ def _decode_one(args):
     path, img_size = args
     try:
         return to_uint8_tensor(resize(open_rgb(path, img_size), img_size)).numpy(), None
-    except ImageDecodeError as exc:
+    except ImageError as exc:
         return None, str(exc)
     except OSError as exc:  # unreadable file: permissions, a broken or looping symbolic link...
         return None, read_error(path, exc)

@@ -85,7 +85,7 @@ def draw_report(report, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from models.transforms import ImageDecodeError, open_rgb
+    from models.transforms import ImageError, open_rgb
 
     worst = report["worst_mistakes"]
     cols = min(4, max(1, len(worst)))
@@ -114,7 +114,7 @@ def draw_report(report, path):
         ax_img.axis("off")
         try:
             ax_img.imshow(open_rgb(m["path"]))
-        except (ImageDecodeError, OSError, TypeError):
+        except (ImageError, OSError, TypeError):
             pass  # the figure still names it
         ax_img.set_title("true %s, p(dog) %.3f\n%s" % (m["true"], m["p_dog"], os.path.basename(str(m["path"]))),
                          fontsize=9, color="firebrick")

@@ -16,7 +16,7 @@ import sys
 
 from dataset import DataError, find_images
 from models.checkpoint import atomic_write_text
-from models.transforms import ImageDecodeError, open_rgb
+from models.transforms import ImageError, open_rgb
 from parsers import fail
 from parsers.predict_parser import build_parser, open_predictor
 
@@ -77,7 +77,7 @@ def show_prediction(img, title, img_path, save=None):
 def predict_image(predictor, img_path, save=None):
     try:
         img = open_rgb(img_path, predictor.img_size)
-    except (ImageDecodeError, OSError) as exc:
+    except (ImageError, OSError) as exc:
         fail("%s: %s" % (img_path, exc))
     probs = predictor.probabilities(predictor.transform(img).unsqueeze(0))[0].tolist()
     index = max(range(len(probs)), key=probs.__getitem__)

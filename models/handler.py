@@ -16,10 +16,10 @@ The answer is the top label and its probability, e.g. `{"dog": 0.802090227603912
 request in a batch gets its own status: a bad image answers 4xx with a JSON error and the
 other requests of the batch are answered normally.
 
-TorchServe takes a handler file's only class as the handler and calls its initialize()
-and handle(): this file defines exactly one class, imports nothing from TorchServe, and
-runs on the stock TorchServe image too (Python 3.9, torch 2.4): keep to 3.9 syntax and
-import nothing from the project.
+TorchServe's entry point is the module-level handle(data, context) below (TorchServe calls it
+once with data None to initialize, then once per batch); with one, a handler file may define
+several classes. It imports nothing from TorchServe and runs on the stock TorchServe image
+too (Python 3.9, torch 2.4): keep to 3.9 syntax and import nothing from the project.
 """
 import base64
 import binascii
@@ -76,9 +76,12 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated upload is an error, not g
 
 # ---- decoding and preprocessing --------------------------------------------------------------
 
-def bad_input(message, code=400, error_type="InvalidImage"):
-    """The error for input that cannot be classified: its HTTP status and type travel with it."""
-    return DogsVsCatsHandler.BadInput(message, code, error_type)
+class ImageError(ValueError):
+    """Input that cannot be classified: the message says why; its HTTP status and type travel with it."""
+
+    def __init__(self, message, code=400, error_type="InvalidImage"):
+        super().__init__(message)
+        self.message, self.code, self.error_type = message, code, error_type
 
 
 def open_rgb(source, img_size=None):
@@ -86,7 +89,7 @@ def open_rgb(source, img_size=None):
 
     Handles what cameras and editors produce: EXIF orientation, grayscale,
     16-bit, palette, CMYK and images with alpha (composited onto white, the
-    colour a transparent background shows in a browser). Raises BadInput;
+    colour a transparent background shows in a browser). Raises ImageError;
     a path that cannot be opened raises the OSError (a file problem, not the image's).
 
     img_size: the side the caller resizes the image to. Given, a big JPEG is decoded
@@ -99,7 +102,7 @@ def open_rgb(source, img_size=None):
             return open_rgb(f, img_size)
     if isinstance(source, (bytes, bytearray)):
         if not source:
-            raise bad_input("empty input: no image bytes received", 400, "EmptyBody")
+            raise ImageError("empty input: no image bytes received", 400, "EmptyBody")
         source = io.BytesIO(source)
     try:
         img = Image.open(source, formats=ACCEPTED_FORMATS)
@@ -110,17 +113,17 @@ def open_rgb(source, img_size=None):
             img.draft("RGB", (DRAFT_FACTOR * img_size, DRAFT_FACTOR * img_size))
         img.load()
         img = ImageOps.exif_transpose(img)
-    except DogsVsCatsHandler.BadInput:
+    except ImageError:
         raise
     except Image.DecompressionBombError as exc:
-        raise bad_input("image too large: %s" % exc, 413, "ImageTooLarge")
+        raise ImageError("image too large: %s" % exc, 413, "ImageTooLarge")
     except Image.UnidentifiedImageError:
         # No accepted decoder recognises the bytes: another format (EPS, PSD, HEIC, ...), not an
         # image at all, or a header too damaged to tell. Saying which would mean parsing them.
-        raise bad_input("unsupported image format: the accepted formats are %s and %s (or its header is damaged)"
+        raise ImageError("unsupported image format: the accepted formats are %s and %s (or its header is damaged)"
                         % (", ".join(ACCEPTED_FORMATS[:-1]), ACCEPTED_FORMATS[-1]), 415, "UnsupportedImageFormat")
     except (OSError, SyntaxError, ValueError) as exc:
-        raise bad_input("cannot decode image: %s" % (str(exc) or type(exc).__name__))
+        raise ImageError("cannot decode image: %s" % (str(exc) or type(exc).__name__))
     return to_rgb(img)
 
 
@@ -133,7 +136,7 @@ def _check_pixels(img):
         limit, limits = MAX_FULL_DECODE_PIXELS, "%d for %s, %d for JPEG" % (MAX_FULL_DECODE_PIXELS, img.format,
                                                                          MAX_IMAGE_PIXELS)
     if width * height > limit:
-        raise bad_input("image too large: %dx%d is %d pixels (limit %s)" % (width, height, width * height, limits),
+        raise ImageError("image too large: %dx%d is %d pixels (limit %s)" % (width, height, width * height, limits),
                         413, "ImageTooLarge")
 
 
@@ -305,10 +308,10 @@ def _error_body(context, idx, code, error_type, message):
 def _payload(row):
     """The image bytes of one request: raw body (curl -T), multipart field `data`, or base64."""
     if not isinstance(row, dict):
-        raise bad_input("unexpected request format", 400, "InvalidInput")
+        raise ImageError("unexpected request format", 400, "InvalidInput")
     files = sorted(str(k)[:40] for k, v in row.items() if isinstance(v, (bytes, bytearray)) and len(v))
     if len(files) > 1:  # several multipart files under different names: which one would be answered?
-        raise bad_input("one image per request, got %d files (fields %s)" % (len(files), files[:5]),
+        raise ImageError("one image per request, got %d files (fields %s)" % (len(files), files[:5]),
                         400, "TooManyFiles")
     image = row.get("data")
     if image is None:
@@ -316,16 +319,16 @@ def _payload(row):
     if image is None or (hasattr(image, "__len__") and len(image) == 0):
         fields = [str(k)[:40] for k in row if k not in ("data", "body")]
         if fields:  # e.g. curl --data-binary with curl's default form content type
-            raise bad_input("no image in the request (got form fields %s); %s" % (fields[:5], HOW_TO_SEND),
+            raise ImageError("no image in the request (got form fields %s); %s" % (fields[:5], HOW_TO_SEND),
                             400, "InvalidInput")
-        raise bad_input("empty request: no image bytes received; " + HOW_TO_SEND, 400, "EmptyBody")
+        raise ImageError("empty request: no image bytes received; " + HOW_TO_SEND, 400, "EmptyBody")
     if isinstance(image, str):  # text/* bodies arrive decoded; accept base64 text
         try:
             image = base64.b64decode(image, validate=True)
         except (binascii.Error, ValueError):
-            raise bad_input("text body is not base64-encoded image bytes")
+            raise ImageError("text body is not base64-encoded image bytes")
     if not isinstance(image, (bytes, bytearray)):
-        raise bad_input("expected image bytes, got %s (JSON bodies are not accepted); %s"
+        raise ImageError("expected image bytes, got %s (JSON bodies are not accepted); %s"
                         % (type(image).__name__, HOW_TO_SEND), 400, "InvalidInput")
     return bytes(image)
 
@@ -334,13 +337,6 @@ def _payload(row):
 
 class DogsVsCatsHandler(object):
     """TorchServe's handler protocol: initialize(context) once per worker, handle(rows, context) per batch."""
-
-    class BadInput(ValueError):
-        """Input that cannot be classified. Nested because TorchServe refuses a handler file with two classes."""
-
-        def __init__(self, message, code=400, error_type="InvalidImage"):
-            super().__init__(message)
-            self.message, self.code, self.error_type = message, code, error_type
 
     def __init__(self):
         self.engine, self.run, self.model = None, None, None  # self.model: the network, torch engine only
@@ -354,9 +350,8 @@ class DogsVsCatsHandler(object):
         manifest_model = (getattr(context, "manifest", None) or {}).get("model", {})
         handler_config = (getattr(context, "model_yaml_config", None) or {}).get("handler") or {}
 
-        # Intra-op threads of the engine, per worker (keep workers x threads <= cores); 0: its
-        # default. torch_threads is the name older model configs use.
-        threads = int(handler_config.get("threads", handler_config.get("torch_threads")) or 0)
+        # Intra-op threads of the engine, per worker (keep workers x threads <= cores); 0: its default.
+        threads = int(handler_config.get("threads") or 0)
         if threads > 0:
             torch.set_num_threads(threads)  # also what preprocessing's few tensor operations use
         gpu_id = properties.get("gpu_id")
@@ -406,15 +401,15 @@ class DogsVsCatsHandler(object):
         return model
 
     def preprocess_one(self, row):
-        """One request -> normalized CHW tensor; a bad one raises BadInput saying why."""
+        """One request -> normalized CHW tensor; a bad one raises ImageError saying why."""
         try:
             img = open_rgb(_payload(row), self.img_size)
-        except DogsVsCatsHandler.BadInput as exc:
+        except ImageError as exc:
             exc.message = re.sub(r"\s*<[^<>]*>", "", exc.message)  # no object reprs in answers
             raise
         width, height = img.size
         if min(width, height) < self.min_image_side:
-            raise bad_input("image too small: %dx%d pixels (each side must be at least %d)"
+            raise ImageError("image too small: %dx%d pixels (each side must be at least %d)"
                             % (width, height, self.min_image_side), 400, "ImageTooSmall")
         return self.transform(img)
 
@@ -443,10 +438,10 @@ class DogsVsCatsHandler(object):
         for idx, row in enumerate(data):
             try:
                 if explain:
-                    raise bad_input("explanations are not served by this model", 501, "NotImplemented")
+                    raise ImageError("explanations are not served by this model", 501, "NotImplemented")
                 tensors.append(self.preprocess_one(row))
                 positions.append(idx)
-            except DogsVsCatsHandler.BadInput as exc:
+            except ImageError as exc:
                 responses[idx] = _error_body(context, idx, exc.code, exc.error_type, exc.message)
             except Exception:  # a decoder bug must not take the rest of the batch down
                 logger.exception("request %d of the batch failed in preprocessing", idx)
@@ -463,3 +458,15 @@ class DogsVsCatsHandler(object):
         if metrics is not None:
             metrics.add_time("HandlerTime", round((time.time() - start) * 1000, 2), None, "ms")
         return responses
+
+
+# ---- TorchServe's entry point ------------------------------------------------------------------
+
+_service = DogsVsCatsHandler()  # one per worker process: TorchServe imports this file once per worker
+
+
+def handle(data, context):
+    """TorchServe calls this with data None once, when the worker loads the model, then once per batch."""
+    if not _service.initialized:
+        _service.initialize(context)
+    return None if data is None else _service.handle(data, context)

@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from models import CLASSES, SAMPLE_IMAGES, load_trained
 from models.checkpoint import CheckpointError, atomic_write_bytes, read_meta
-from models.handler import ENGINES, ONNX_RUNTIME_MISSING, onnx_engine, onnx_img_size, onnx_session, torch_engine
-from models.transforms import ImageDecodeError, eval_transform, open_rgb
+from models.transforms import (ENGINES, ONNX_RUNTIME_MISSING, ImageError, eval_transform, onnx_engine, onnx_img_size,
+                               onnx_session, open_rgb, torch_engine)
 
 BACKENDS = ENGINES  # ("onnx", "torch")
 EXPORT_ATOL = 1e-4  # largest allowed difference of any probability between ONNX Runtime and torch
@@ -242,7 +242,7 @@ class Predictor:
         return F.softmax(self.run(batch), dim=1)
 
     def preprocess(self, source):
-        """A path, bytes or file object -> the model's input tensor (raises ImageDecodeError, OSError)."""
+        """A path, bytes or file object -> the model's input tensor (raises ImageError, OSError)."""
         return self.transform(open_rgb(source, self.img_size))
 
     def classify(self, source):
@@ -253,7 +253,7 @@ class Predictor:
         """(model input tensor, None), or (None, why) for a file that is not an image we can read."""
         try:
             return self.preprocess(path), None
-        except ImageDecodeError as exc:
+        except ImageError as exc:
             return None, str(exc)
         except OSError as exc:  # unreadable file (permissions, a broken symbolic link, ...)
             from dataset import read_error

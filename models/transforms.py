@@ -1,19 +1,21 @@
-"""Image preprocessing for training, prediction and serving.
+"""The project's one import surface of models/handler.py, and the training augmentation.
 
-Decoding and the deterministic eval transform are defined once, in models/handler.py,
-because the TorchServe archive must work from the handler file alone (the original
-README's archiver command packs nothing else); training and prediction import them
-from there. What only training needs, the augmentation, lives here.
+Decoding, the deterministic eval transform and the two engines are defined once, in
+models/handler.py, because the TorchServe archive must work from the handler file alone (the
+original README's archiver command packs nothing else). Training, prediction, evaluation and
+export import them from here, never from the handler itself (tests/test_layout.py holds that).
+What only training needs, the augmentation, lives here.
 """
 from torchvision import transforms as T
 
-from models.handler import (ACCEPTED_FORMATS, IMAGENET_MEAN, IMAGENET_STD, MAX_FULL_DECODE_PIXELS, MAX_IMAGE_PIXELS,
-                            DogsVsCatsHandler, eval_transform, normalize, open_rgb, resize, to_rgb, to_uint8_tensor)
+from models.handler import (ACCEPTED_FORMATS, ENGINES, IMAGENET_MEAN, IMAGENET_STD, MAX_FULL_DECODE_PIXELS,
+                            MAX_IMAGE_PIXELS, ONNX_RUNTIME_MISSING, ImageError, eval_transform, normalize,
+                            onnx_engine, onnx_img_size, onnx_session, open_rgb, resize, to_rgb, to_uint8_tensor,
+                            torch_engine)
 
-ImageDecodeError = DogsVsCatsHandler.BadInput  # the bytes are not an image we can classify
-
-__all__ = ["ACCEPTED_FORMATS", "IMAGENET_MEAN", "IMAGENET_STD", "MAX_FULL_DECODE_PIXELS", "MAX_IMAGE_PIXELS",
-           "ImageDecodeError", "eval_transform", "normalize", "open_rgb", "resize", "to_rgb", "to_uint8_tensor",
+__all__ = ["ACCEPTED_FORMATS", "ENGINES", "IMAGENET_MEAN", "IMAGENET_STD", "MAX_FULL_DECODE_PIXELS",
+           "MAX_IMAGE_PIXELS", "ONNX_RUNTIME_MISSING", "ImageError", "eval_transform", "normalize", "onnx_engine",
+           "onnx_img_size", "onnx_session", "open_rgb", "resize", "to_rgb", "to_uint8_tensor", "torch_engine",
            "train_augment"]
 
 

@@ -36,12 +36,11 @@ def make_checkpoint(directory, conv_net, img_size, seed=0):
     return save_untrained(directory, conv_net, img_size, seed)
 
 
-def write_model_config(path, batch_size=4, max_batch_delay=100, workers=1, response_timeout=60,
-                       torch_threads=1):
+def write_model_config(path, batch_size=4, max_batch_delay=100, workers=1, response_timeout=60, threads=1):
     with open(path, "w") as f:
         f.write("minWorkers: %d\nmaxWorkers: %d\nbatchSize: %d\nmaxBatchDelay: %d\n"
-                "responseTimeout: %d\nstartupTimeout: 300\nhandler:\n  torch_threads: %d\n"
-                % (workers, workers, batch_size, max_batch_delay, response_timeout, torch_threads))
+                "responseTimeout: %d\nstartupTimeout: 300\nhandler:\n  threads: %d\n"
+                % (workers, workers, batch_size, max_batch_delay, response_timeout, threads))
     return path
 
 

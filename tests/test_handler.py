@@ -105,12 +105,32 @@ def rgb_of(name, directory=TRAIN_DIR):
 
 # ---- loadable by TorchServe, on the stock image's Python ---------------------------------------
 
-def test_torchserve_finds_exactly_one_handler_class():
-    # TorchServe refuses a handler file defining more than one class.
-    assert list_classes_from_module(handler_module) == [DogsVsCatsHandler]
-    assert not hasattr(handler_module, "handle")  # a module-level handle() would be taken as the entry point
-    entry_point, initialize = TsModelLoader()._get_class_entry_point(handler_module)
-    assert callable(entry_point) and callable(initialize)
+def test_torchserve_loads_the_module_level_entry_point_and_it_answers(tmp_path):
+    """TorchServe's own loader, on a model directory as a worker unpacks it (the handler file copied in, as
+    the archive holds it): it takes the module-level handle(), initializes through it, and a batch is answered.
+    With that entry point the file may define several classes (ImageError beside the handler)."""
+    directory = tmp_path / "unpacked"
+    directory.mkdir()
+    checkpoint, manifest = make_model_dir(str(directory), "base_cnn")
+    (directory / "MAR-INF").mkdir()
+    (directory / "MAR-INF" / "MANIFEST.json").write_text(json.dumps(manifest))
+    shutil.copy(os.path.join(REPO_ROOT, "models", "handler.py"), str(directory / "handler.py"))
+    assert len(list_classes_from_module(handler_module)) > 1  # a class entry point would be refused
+    sys.path.insert(0, str(directory))
+    try:
+        service = TsModelLoader().load("base_cnn", str(directory), "handler.py")
+        module = sys.modules["handler"]
+        assert service._entry_point is module.handle and module._service.initialized
+        service.context.metrics = MetricsStore(uuid.uuid4(), "base_cnn")  # what the worker sets per batch
+        context = new_batch(service.context, 2)
+        answers = service._entry_point([{"body": jpeg_of("cat.0.jpg")}, {"body": b"not an image"}], context)
+        want = expected_dog_probabilities("base_cnn", checkpoint, [jpeg_of("cat.0.jpg")])[0]
+        assert dog_probability(json.loads(answers[0])) == pytest.approx(want, abs=1e-5)
+        assert context.get_response_status(1)[0] == 415 and json.loads(answers[1])["type"] == "UnsupportedImageFormat"
+    finally:
+        sys.path.remove(str(directory))
+        sys.modules.pop("handler", None)
+        sys.modules.pop("base_cnn", None)
 
 
 ARCHIVED_SOURCES = ["models/handler.py", "models/base_cnn/base_cnn.py",

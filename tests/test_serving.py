@@ -70,7 +70,7 @@ def store(work, checkpoints):
     """The model store: the test archives (built by deployment/archive.sh) and the shipped ones."""
     path = os.path.join(work, "model-store")
     config = write_model_config(os.path.join(work, "model-config.yaml"), batch_size=4, max_batch_delay=100,
-                                workers=1, response_timeout=120, torch_threads=1)
+                                workers=1, response_timeout=120, threads=1)
     archive(path, "base_cnn", checkpoints["base_cnn"], config_file=config)
     torch_store = os.path.join(work, "torch-store")
     archive(torch_store, "base_cnn", checkpoints["base_cnn"], config_file=config, backend="torch")
