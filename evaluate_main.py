@@ -13,12 +13,10 @@ import os
 
 from dataset import DataError, find_labeled_images
 from evaluation import score_samples, training_split
-from models import weights_path
-from models.checkpoint import CheckpointError, atomic_write_text, read_meta
-from models.inference import require_checkpoint
+from models.checkpoint import CheckpointError, atomic_write_text
 from parsers.evaluate_parser import build_parser
 from parsers import fail
-from parsers.predict_parser import open_predictor
+from parsers.predict_parser import open_checkpoint, open_predictor
 
 
 def select_samples(args, meta):
@@ -138,14 +136,13 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.data_dir and not os.path.isdir(args.data_dir):
         fail("data folder not found: %s" % args.data_dir)
-    model_path = weights_path(args.conv_net, args.model_path)
+    checkpoint = open_checkpoint(args)
     try:
         # Which images, before the model loads (and perhaps exports): a wrong folder fails at once.
-        require_checkpoint(args.conv_net, model_path)
-        data_dir, samples = select_samples(args, read_meta(model_path))
+        data_dir, samples = select_samples(args, checkpoint.meta)
     except (DataError, CheckpointError) as exc:
         fail(str(exc))
-    predictor = open_predictor(args)
+    predictor = open_predictor(args, checkpoint)
     try:
         metrics = score_samples(predictor, samples, args.batch_size, args.num_workers, args.worst,
                                 desc="evaluating %s" % data_dir)

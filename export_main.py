@@ -12,10 +12,11 @@ more than 1e-4 on any check image fails (exit 2) and writes nothing.
 """
 import os
 
-from models import MODELS, weights_path
+from models import MODELS
 from models.checkpoint import CheckpointError
-from models.inference import EXPORT_ATOL, SAMPLE_IMAGES, ExportError, current_onnx, export_onnx, onnx_path
+from models.inference import EXPORT_ATOL, SAMPLE_IMAGES, ExportError, current_onnx, export_onnx
 from parsers import DefaultsHelpFormatter, OneLineErrorParser, fail
+from parsers.predict_parser import open_checkpoint
 
 
 def build_parser():
@@ -31,17 +32,15 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    model_path = weights_path(args.conv_net, args.model_path)
-    if not os.path.isfile(model_path):
-        fail("no checkpoint at %s" % model_path)
+    checkpoint = open_checkpoint(args)
     if not os.path.isdir(args.check_images):
         fail("check image folder not found: %s" % args.check_images)
-    out = args.out or onnx_path(model_path)
+    out = args.out or checkpoint.onnx_path
     try:
-        if not args.force and out == onnx_path(model_path) and current_onnx(model_path) is not None:
+        if not args.force and out == checkpoint.onnx_path and current_onnx(checkpoint) is not None:
             print("%s is current (exported from these weights); --force exports again" % out)
             return out
-        path, worst = export_onnx(args.conv_net, model_path, out, args.check_images)
+        path, worst = export_onnx(checkpoint, out, args.check_images)
     except (CheckpointError, ExportError, RuntimeError, ImportError) as exc:
         fail(str(exc).splitlines()[0])
     print("wrote %s (largest probability difference from torch on the check images: %.1e, limit %.0e)"

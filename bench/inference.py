@@ -145,6 +145,7 @@ def load_engines(conv_net, checkpoint, engines, threads, log=sys.stderr):
     OpenVINO runs as the ONNX Predictor with its engine swapped: the same preprocessing and
     the very same .onnx file.
     """
+    from models.checkpoint import Checkpoint
     from models.inference import Predictor
     missing = {e for e in engines if engine_version(e) is None}
     for engine in sorted(missing):
@@ -153,13 +154,14 @@ def load_engines(conv_net, checkpoint, engines, threads, log=sys.stderr):
               file=log)
     onnx = None
     if {"onnx", "openvino"} & (set(engines) - missing):
-        onnx = Predictor(conv_net, checkpoint, backend="onnx", threads=threads)
+        onnx = Predictor.open(conv_net, checkpoint, backend="onnx", threads=threads)
     loaded = {}
     for engine in engines:
         if engine in missing:
             loaded[engine] = "not installed"
         elif engine == "torch":
-            loaded[engine] = Predictor(conv_net, checkpoint, backend="torch", threads=threads)
+            loaded[engine] = Predictor(onnx.checkpoint if onnx else Checkpoint(conv_net, checkpoint), backend="torch",
+                                       threads=threads)
         elif engine == "onnx":
             loaded[engine] = onnx
         else:

@@ -179,28 +179,29 @@ import os
 import shutil
 import sys
 
-from models import CLASSES, MODELS, load_trained
-from models.checkpoint import CheckpointError, read_meta
+from models import MODELS
+from models.checkpoint import Checkpoint, CheckpointError
 
-name, checkpoint, staged_meta, backend = sys.argv[1:5]
+name, path, staged_meta, backend = sys.argv[1:5]
 try:
-    meta = read_meta(checkpoint)
-    load_trained(name, checkpoint)
+    checkpoint = Checkpoint(name, path)
+    meta = checkpoint.meta
+    checkpoint.model  # loads the weights into the network: a file that does not fit it fails here
     if backend == "onnx":
-        from models.inference import current_onnx, export_onnx, onnx_path
+        from models.inference import current_onnx, export_onnx
         staged_onnx = os.path.splitext(staged_meta)[0] + ".onnx"
         if current_onnx(checkpoint) is not None:
-            shutil.copyfile(onnx_path(checkpoint), staged_onnx)
+            shutil.copyfile(checkpoint.onnx_path, staged_onnx)
         else:
-            print("exporting %s to ONNX (no current export beside it) ..." % checkpoint, flush=True)
-            _, worst = export_onnx(name, checkpoint, staged_onnx)
+            print("exporting %s to ONNX (no current export beside it) ..." % path, flush=True)
+            _, worst = export_onnx(checkpoint, staged_onnx)
             print("exported; largest probability difference from torch on real images: %.1e" % worst)
 except (CheckpointError, RuntimeError, ImportError) as exc:
     sys.exit("error: %s: %s" % (name, str(exc).splitlines()[0]))
-if not meta:
-    spec = MODELS[name]
-    meta = {"conv_net": name, "img_size": spec.img_size, "classes": list(CLASSES), "dropout": spec.dropout}
-    print("warning: %s: no meta JSON beside %s; assuming the defaults %s" % (name, checkpoint, meta),
+if not meta:  # what the checkpoint resolves (its serving size: the weights', else the registry's)
+    meta = {"conv_net": name, "img_size": checkpoint.img_size, "classes": list(checkpoint.classes),
+            "dropout": MODELS[name].dropout}
+    print("warning: %s: no meta JSON beside %s; assuming the defaults %s" % (name, path, meta),
           file=sys.stderr)
 with open(staged_meta, "w") as f:
     json.dump(meta, f, indent=2, sort_keys=True)

@@ -204,17 +204,10 @@ def smallest_img_size(name):
 def load_trained(conv_net, model_path):
     """Rebuild `conv_net`, load the weights at `model_path`, return (model in eval mode, img_size).
 
-    The image size comes from the weights (their `img_size` buffer) or else the meta JSON
-    training wrote beside them, so a model trained at any --img_size predicts correctly
-    with no extra flags.
+    The image size comes from the weights (their `img_size` buffer), else the meta JSON training
+    wrote beside them, else the registry's serving size (models.checkpoint.Checkpoint), so a model
+    trained at any --img_size predicts correctly with no extra flags.
     """
-    from models.checkpoint import CheckpointError, load_weights, read_meta
-    meta = read_meta(model_path)
-    trained_as = meta.get("conv_net", conv_net)
-    if trained_as != conv_net:
-        raise CheckpointError("%s is a %s checkpoint, not %s (pass --conv_net %s)"
-                              % (model_path, trained_as, conv_net, trained_as))
-    model = build_model(conv_net, dropout=meta.get("dropout"))
-    load_weights(model, model_path, conv_net)
-    img_size = serving_size(model) or meta.get("img_size") or MODELS[conv_net].img_size
-    return model.eval(), int(img_size)
+    from models.checkpoint import Checkpoint
+    checkpoint = Checkpoint(conv_net, model_path)
+    return checkpoint.model, checkpoint.img_size

@@ -8,6 +8,8 @@ For `--model_path models/x/model_x.pth` training writes:
 Every write goes to a temporary file first and is moved into place with os.replace,
 so a kill never leaves half a file.
 """
+import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -168,3 +170,60 @@ def load_weights(model, model_path, conv_net):
         hint = " (it was trained as --conv_net %s)" % trained_as if trained_as else ""
         raise CheckpointError("%s is not a %s checkpoint%s; %s" % (model_path, conv_net, hint, WEIGHTS_FIX)) from None
     return model
+
+
+class Checkpoint:
+    """A trained model on disk, opened once: what prediction, evaluation, the ONNX export and the archive
+    script need of it, each worked out once. The meta JSON is read when it is opened (a missing file or a
+    checkpoint of another network is a CheckpointError then); the network with its weights and the weights'
+    SHA-256 on first use.
+
+    img_size: the side the model is fed, in models.handler.pick_img_size's order (the weights, then the meta
+    JSON, then the registry's serving size); classes: its output labels in models.handler.pick_labels' order
+    (the meta JSON's classes, then models.CLASSES)."""
+
+    def __init__(self, conv_net, path):
+        if not os.path.isfile(path):
+            raise CheckpointError("no checkpoint at %s (train one with train_main.py --conv_net %s, or pass "
+                                  "--model_path)" % (path, conv_net))
+        self.conv_net, self.path = conv_net, path
+        self.meta = read_meta(path)
+        trained_as = self.meta.get("conv_net", conv_net)
+        if trained_as != conv_net:
+            raise CheckpointError("%s is a %s checkpoint, not %s (pass --conv_net %s)"
+                                  % (path, trained_as, conv_net, trained_as))
+
+    @functools.cached_property
+    def model(self):
+        """The network with these weights, in eval mode (a CheckpointError when they do not fit it)."""
+        from models import build_model
+        model = build_model(self.conv_net, dropout=self.meta.get("dropout"))
+        return load_weights(model, self.path, self.conv_net).eval()
+
+    @functools.cached_property
+    def img_size(self):
+        from models import MODELS, serving_size
+        from models.transforms import pick_img_size
+        return pick_img_size(None, serving_size(self.model), self.meta.get("img_size"),
+                             MODELS[self.conv_net].eval_img_size)[0]
+
+    @property
+    def classes(self):
+        from models import CLASSES
+        from models.transforms import pick_labels
+        labels = pick_labels(None, self.meta.get("classes"), CLASSES)
+        return tuple(labels[i] for i in range(len(labels)))
+
+    @functools.cached_property
+    def sha256(self):
+        """Of the weights file: what an ONNX export records as its source, to tell a current one from a stale one."""
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    @property
+    def onnx_path(self):
+        """Where its ONNX export lives: beside it, same stem."""
+        return sidecar_path(self.path, ".onnx")

@@ -267,6 +267,32 @@ def pick_model_class(module, hints=()):
                      % (module.__name__, sorted(c.__name__ for c in classes)))
 
 
+def pick_img_size(model_config=None, weights=None, meta_json=None, fallback=FALLBACK_IMG_SIZE):
+    """(side, where it came from) of the images a model is fed, the first of, in this order:
+
+      1. the model config's handler.img_size (an archive's deliberate override; the server only);
+      2. the weights: their img_size buffer, or an ONNX export's fixed input side (what training set);
+      3. the meta JSON's img_size (models without the buffer);
+      4. the fallback: the registry's serving size (eval_img_size) in the project, FALLBACK_IMG_SIZE
+         in an archive, which cannot read the registry.
+
+    The one order: the handler, prediction, evaluation and export all call this."""
+    for source, value in (("the model config", model_config), ("the weights", weights),
+                          ("the meta JSON", meta_json), ("the fallback", fallback)):
+        if value:
+            return int(value), source
+    raise ValueError("no image size")
+
+
+def pick_labels(index_to_name=None, meta_classes=None, fallback=()):
+    """{index: label} of a model's outputs, the first of, in this order: an index_to_name.json mapping (what
+    an archive packs), the meta JSON's classes (what training recorded), the fallback. The one order: the
+    handler and prediction call this."""
+    if index_to_name:
+        return {int(k): v for k, v in index_to_name.items()}
+    return dict(enumerate(meta_classes or fallback))
+
+
 def _read_json(path, what):
     if not os.path.isfile(path):
         return {}
@@ -371,19 +397,14 @@ class DogsVsCatsHandler(object):
             weights_size = int(buffer) if isinstance(buffer, torch.Tensor) else None
             self.engine, self.run, self.model = "torch", torch_engine(model, self.device), model
 
-        sizes = [("the model config", handler_config.get("img_size")),
-                 ("the weights", weights_size),
-                 ("the meta JSON", self.meta.get("img_size")),
-                 ("the fallback", FALLBACK_IMG_SIZE)]
-        source, self.img_size = next((s, int(v)) for s, v in sizes if v)
+        self.img_size, source = pick_img_size(handler_config.get("img_size"), weights_size, self.meta.get("img_size"))
         if source == "the fallback":
             logger.warning("no img_size in the weights, the meta JSON or the model config; using %d",
                            FALLBACK_IMG_SIZE)
         self.min_image_side = int(handler_config.get("min_image_side") or MIN_IMAGE_SIDE)
         self.transform = eval_transform(self.img_size)
-        mapping = _read_json(os.path.join(model_dir, "index_to_name.json"), "label mapping")
-        self.labels = ({int(k): v for k, v in mapping.items()} if mapping
-                       else dict(enumerate(self.meta.get("classes") or [])))
+        self.labels = pick_labels(_read_json(os.path.join(model_dir, "index_to_name.json"), "label mapping"),
+                                  self.meta.get("classes"))
         self.initialized = True
         logger.info("%s ready: %s engine, img_size=%d (from %s), labels=%s, threads=%d",
                     self.meta.get("conv_net") or manifest_model.get("modelName"), self.engine, self.img_size,

@@ -17,7 +17,6 @@ and every export is checked against PyTorch on real images: probabilities within
 the export fails.
 """
 import contextlib
-import hashlib
 import io
 import os
 import sys
@@ -29,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models import CLASSES, SAMPLE_IMAGES, load_trained
-from models.checkpoint import CheckpointError, atomic_write_bytes, read_meta
+from models import SAMPLE_IMAGES
+from models.checkpoint import Checkpoint, CheckpointError, atomic_write_bytes
 from models.transforms import (ENGINES, ONNX_RUNTIME_MISSING, ImageError, eval_transform, onnx_engine, onnx_img_size,
                                onnx_session, open_rgb, torch_engine)
 
@@ -57,26 +56,18 @@ def default_backend():
 
 
 def onnx_path(model_path):
-    """Where the ONNX export of a checkpoint lives: beside it, same stem."""
+    """Where the ONNX export of a checkpoint lives: beside it, same stem (Checkpoint.onnx_path)."""
     return os.path.splitext(model_path)[0] + ".onnx"
-
-
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def onnx_metadata(session):
     return dict(session.get_modelmeta().custom_metadata_map)
 
 
-def current_onnx(model_path, threads=0):
-    """An ONNX Runtime session on the export beside `model_path` when it was made from these very
-    weights, else None (missing, stale, or unreadable)."""
-    path = onnx_path(model_path)
+def current_onnx(checkpoint, threads=0):
+    """An ONNX Runtime session on the export beside `checkpoint` (a models.checkpoint.Checkpoint) when it was
+    made from these very weights, else None (missing, stale, or unreadable)."""
+    path = checkpoint.onnx_path
     if not os.path.isfile(path):
         return None
     if not onnx_available():
@@ -85,7 +76,7 @@ def current_onnx(model_path, threads=0):
         session = onnx_session(path, threads)
     except Exception:  # a damaged or foreign file: export again
         return None
-    if onnx_metadata(session).get("source_sha256") != file_sha256(model_path):
+    if onnx_metadata(session).get("source_sha256") != checkpoint.sha256:
         return None
     return session
 
@@ -124,16 +115,21 @@ def _drop_stack_traces(proto):
                 node.metadata_props.extend(kept)
 
 
-def export_onnx(conv_net, model_path, out_path=None, check_images=SAMPLE_IMAGES, atol=EXPORT_ATOL):
-    """Export the checkpoint to ONNX (dynamic batch axis, fixed image side), check it, write it atomically.
+def export_onnx(checkpoint, out_path=None, check_images=SAMPLE_IMAGES, atol=EXPORT_ATOL):
+    """Export `checkpoint` (a models.checkpoint.Checkpoint) to ONNX (dynamic batch axis, fixed image side),
+    check it, write it atomically.
 
     The check runs ONNX Runtime and torch on real images, one at a time and as one batch:
     any probability differing by more than `atol` raises ExportError and nothing is written.
     Returns (path written, largest difference seen).
     """
-    out_path = out_path or onnx_path(model_path)
-    model, img_size = load_trained(conv_net, model_path)
-    meta = read_meta(model_path)
+    path, worst, _ = _export(checkpoint, out_path or checkpoint.onnx_path, check_images, atol)
+    return path, worst
+
+
+def _export(checkpoint, out_path, check_images, atol, threads=0):
+    """export_onnx, also returning the ONNX Runtime session the export was checked with (`threads` threads)."""
+    model, img_size = checkpoint.model, checkpoint.img_size
     batch = sample_batch(img_size, check_images)
     dim = torch.export.Dim("batch", min=1, max=4096)
     quiet = io.StringIO()
@@ -145,19 +141,18 @@ def export_onnx(conv_net, model_path, out_path=None, check_images=SAMPLE_IMAGES,
                                         external_data=False, verbose=False)
             program.optimize()
     except Exception as exc:
-        raise ExportError("exporting %s to ONNX failed: %s\n%s" % (model_path, exc, quiet.getvalue()[-2000:]))
+        raise ExportError("exporting %s to ONNX failed: %s\n%s" % (checkpoint.path, exc, quiet.getvalue()[-2000:]))
     proto = program.model_proto
     _drop_stack_traces(proto)
-    for key, value in (("conv_net", conv_net), ("img_size", str(img_size)),
-                       ("classes", ",".join(meta.get("classes") or CLASSES)),
-                       ("source", os.path.basename(model_path)), ("source_sha256", file_sha256(model_path)),
+    for key, value in (("conv_net", checkpoint.conv_net), ("img_size", str(img_size)),
+                       ("classes", ",".join(checkpoint.classes)),
+                       ("source", os.path.basename(checkpoint.path)), ("source_sha256", checkpoint.sha256),
                        ("torch", torch.__version__)):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     data = proto.SerializeToString()
 
-    import onnxruntime
-    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    session = onnx_session(data, threads)
     run = onnx_engine(session)
     with torch.inference_mode():
         expected = F.softmax(model(batch), dim=1)
@@ -166,46 +161,39 @@ def export_onnx(conv_net, model_path, out_path=None, check_images=SAMPLE_IMAGES,
     worst = max(float((got_batch - expected).abs().max()), float((got_single - expected).abs().max()))
     if not worst <= atol:  # also catches NaN
         raise ExportError("the ONNX export of %s differs from torch by %.2g on %d real images (limit %.0e)"
-                          % (model_path, worst, len(batch), atol))
+                          % (checkpoint.path, worst, len(batch), atol))
     atomic_write_bytes(data, out_path)
-    return out_path, worst
+    return out_path, worst, session
 
 
-def ensure_onnx(conv_net, model_path, threads=0, log=None):
-    """A session on an up-to-date ONNX export of `model_path`: the one beside it, or a fresh export.
+def ensure_onnx(checkpoint, threads=0, log=None):
+    """A session on an up-to-date ONNX export of `checkpoint`: the one beside it, or a fresh export (whose
+    session is the one it was checked with: the weights are loaded, hashed and run once).
 
     A fresh export goes beside the checkpoint, or to a temporary folder when that one is not
     writable; either way a line on `log` says so.
     """
     log = log or sys.stderr
-    session = current_onnx(model_path, threads)
+    session = current_onnx(checkpoint, threads)
     if session is not None:
-        return session, onnx_path(model_path)
-    target = onnx_path(model_path)
+        return session, checkpoint.onnx_path
+    target = checkpoint.onnx_path
     if not os.access(os.path.dirname(os.path.abspath(target)), os.W_OK):
         target = os.path.join(tempfile.mkdtemp(prefix="onnx-"), os.path.basename(target))
     start = time.time()
-    print("exporting %s to ONNX (%s is missing or older than the weights) ..." % (model_path, target), file=log)
-    path, worst = export_onnx(conv_net, model_path, target)
+    print("exporting %s to ONNX (%s is missing or older than the weights) ..." % (checkpoint.path, target), file=log)
+    path, worst, session = _export(checkpoint, target, SAMPLE_IMAGES, EXPORT_ATOL, threads)
     print("wrote %s in %.0f s (largest probability difference from torch: %.1e)" % (path, time.time() - start, worst),
           file=log)
-    return onnx_session(path, threads), path
+    return session, path
 
 
 # ---- prediction --------------------------------------------------------------------------------
 
-def require_checkpoint(conv_net, model_path):
-    """CheckpointError saying how to get one when there is no checkpoint at `model_path`."""
-    if not os.path.isfile(model_path):
-        raise CheckpointError("no checkpoint at %s (train one with train_main.py --conv_net %s, "
-                              "or pass --model_path)" % (model_path, conv_net))
-
-
 class Predictor:
-    """A trained model behind one engine, plus what its checkpoint says about it (size, classes)."""
+    """A trained model (a models.checkpoint.Checkpoint) behind one engine, with its size and classes."""
 
-    def __init__(self, conv_net, model_path, backend=None, threads=0, device="cpu"):
-        require_checkpoint(conv_net, model_path)
+    def __init__(self, checkpoint, backend=None, threads=0, device="cpu"):
         backend = backend or default_backend()
         if backend not in BACKENDS:
             raise ValueError("backend must be one of %s, not %r" % (BACKENDS, backend))
@@ -213,19 +201,18 @@ class Predictor:
             raise CheckpointError("the onnx backend runs on the CPU here; use --backend torch for %s" % device)
         if threads:
             torch.set_num_threads(threads)
-        self.meta = read_meta(model_path)
-        self.classes = tuple(self.meta.get("classes") or CLASSES)
+        self.checkpoint, self.meta, self.classes = checkpoint, checkpoint.meta, checkpoint.classes
         if "dog" not in self.classes:
-            raise CheckpointError("%s: its classes %s have no 'dog'" % (model_path, list(self.classes)))
+            raise CheckpointError("%s: its classes %s have no 'dog'" % (checkpoint.path, list(self.classes)))
         self.dog_index = self.classes.index("dog")
-        self.conv_net, self.model_path, self.backend, self.device = conv_net, model_path, backend, device
-        model, self.img_size = load_trained(conv_net, model_path)  # also checks the checkpoint fits conv_net
+        self.conv_net, self.model_path, self.backend, self.device = checkpoint.conv_net, checkpoint.path, backend, device
+        self.img_size = checkpoint.img_size  # loads the weights: a checkpoint that does not fit conv_net fails here
         if backend == "onnx":
             try:
-                session, self.onnx_path = ensure_onnx(conv_net, model_path, threads)
+                session, self.onnx_path = ensure_onnx(checkpoint, threads)
             except ImportError as exc:  # onnxscript/onnx, needed only to export
                 raise CheckpointError("cannot export %s to ONNX: %s (pip install -r requirements.txt, "
-                                      "or use --backend torch)" % (model_path, exc))
+                                      "or use --backend torch)" % (checkpoint.path, exc))
             except (ExportError, RuntimeError) as exc:
                 raise CheckpointError(str(exc).splitlines()[0])
             exported = onnx_img_size(session)
@@ -234,8 +221,13 @@ class Predictor:
                                                                                        self.img_size))
             self.run = onnx_engine(session)
         else:
-            self.run = torch_engine(model, device)
+            self.run = torch_engine(checkpoint.model, device)
         self.transform = eval_transform(self.img_size)
+
+    @classmethod
+    def open(cls, conv_net, model_path, backend=None, threads=0, device="cpu"):
+        """Predictor(Checkpoint(conv_net, model_path), ...): for a caller that has not opened it."""
+        return cls(Checkpoint(conv_net, model_path), backend, threads, device)
 
     def probabilities(self, batch):
         """Normalized N x 3 x S x S batch -> N x classes softmax probabilities (float32, CPU)."""

@@ -10,13 +10,13 @@ from torchvision import transforms as T
 
 from models.handler import (ACCEPTED_FORMATS, ENGINES, IMAGENET_MEAN, IMAGENET_STD, MAX_FULL_DECODE_PIXELS,
                             MAX_IMAGE_PIXELS, ONNX_RUNTIME_MISSING, ImageError, eval_transform, normalize,
-                            onnx_engine, onnx_img_size, onnx_session, open_rgb, resize, to_rgb, to_uint8_tensor,
-                            torch_engine)
+                            onnx_engine, onnx_img_size, onnx_session, open_rgb, pick_img_size, pick_labels, resize,
+                            to_rgb, to_uint8_tensor, torch_engine)
 
 __all__ = ["ACCEPTED_FORMATS", "ENGINES", "IMAGENET_MEAN", "IMAGENET_STD", "MAX_FULL_DECODE_PIXELS",
            "MAX_IMAGE_PIXELS", "ONNX_RUNTIME_MISSING", "ImageError", "eval_transform", "normalize", "onnx_engine",
-           "onnx_img_size", "onnx_session", "open_rgb", "resize", "to_rgb", "to_uint8_tensor", "torch_engine",
-           "train_augment"]
+           "onnx_img_size", "onnx_session", "open_rgb", "pick_img_size", "pick_labels", "resize", "to_rgb",
+           "to_uint8_tensor", "torch_engine", "train_augment"]
 
 
 def train_augment(img_size):

@@ -22,16 +22,28 @@ def add_model_arguments(p):
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when available")
 
 
-def open_predictor(args):
-    """The Predictor the shared flags describe, or exit 2 with one line saying what is wrong."""
+def open_checkpoint(args):
+    """The checkpoint the flags name (--model_path, else the shipped weights of --conv_net), opened once
+    (models.checkpoint.Checkpoint), or exit 2 with one line saying what is wrong."""
+    from models.checkpoint import Checkpoint, CheckpointError
+    args.model_path = weights_path(args.conv_net, args.model_path)
+    try:
+        return Checkpoint(args.conv_net, args.model_path)
+    except CheckpointError as exc:
+        fail(str(exc))
+
+
+def open_predictor(args, checkpoint=None):
+    """The Predictor the shared flags describe (on `checkpoint` when the caller has opened it already), or
+    exit 2 with one line saying what is wrong."""
     from models.checkpoint import CheckpointError
     from models.inference import Predictor, default_backend
 
-    args.model_path = weights_path(args.conv_net, args.model_path)
+    checkpoint = checkpoint or open_checkpoint(args)
     device = pick_device(args.device)
     backend = args.backend or ("torch" if device.type != "cpu" else default_backend())
     try:
-        return Predictor(args.conv_net, args.model_path, backend, args.threads, device)
+        return Predictor(checkpoint, backend, args.threads, device)
     except CheckpointError as exc:
         fail(str(exc))
 

@@ -7,6 +7,7 @@ import torch
 import calibration
 from models import CLASSES, build_model
 from models.checkpoint import save_model
+from models.checkpoint import Checkpoint
 from models.inference import Predictor, export_onnx
 from tests.support import FIXTURES
 
@@ -93,8 +94,9 @@ def test_an_export_of_a_calibrated_model_computes_what_torch_computes(lite0, tmp
         save_model(lite0, dict(conv_net="efficientnet_lite0", img_size=64, classes=list(CLASSES), dropout=0.2), path)
     finally:
         lite0.set_calibration(1.0, False)
-    _, worst = export_onnx("efficientnet_lite0", path)  # refuses to write beyond 1e-4 on the sample photos
+    _, worst = export_onnx(Checkpoint("efficientnet_lite0", path))  # refuses to write beyond 1e-4 on the sample photos
     assert worst <= 1e-4
-    onnx, reference = Predictor("efficientnet_lite0", path, "onnx"), Predictor("efficientnet_lite0", path, "torch")
+    onnx = Predictor.open("efficientnet_lite0", path, "onnx")
+    reference = Predictor(onnx.checkpoint, "torch")
     image = IMAGES + "/cat.0.jpg"
     assert onnx.classify(image) == pytest.approx(reference.classify(image), abs=1e-4)

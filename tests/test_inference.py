@@ -14,7 +14,8 @@ import torch
 
 from models import CLASSES, build_model, set_serving_size
 from models.checkpoint import save_model
-from models.inference import (ExportError, Predictor, current_onnx, default_backend, export_onnx, file_sha256,
+from models.checkpoint import Checkpoint
+from models.inference import (ExportError, Predictor, current_onnx, default_backend, export_onnx,
                               onnx_metadata, onnx_path)
 from tests.serving_utils import REPO_ROOT, TEST1_DIR, TRAIN_DIR, fixture_bytes, run_archive
 
@@ -43,33 +44,33 @@ def test_onnx_runtime_is_the_default_backend():
 
 
 def test_export_computes_what_torch_computes_at_any_batch_size(checkpoint):
-    path, worst = export_onnx("base_cnn", checkpoint)
+    path, worst = export_onnx(Checkpoint("base_cnn", checkpoint))
     assert path == onnx_path(checkpoint) and worst <= 1e-4
-    onnx, reference = Predictor("base_cnn", checkpoint, "onnx"), Predictor("base_cnn", checkpoint, "torch")
+    onnx, reference = Predictor.open("base_cnn", checkpoint, "onnx"), Predictor.open("base_cnn", checkpoint, "torch")
     assert onnx.onnx_path == path and onnx.img_size == reference.img_size == 32
     assert (probabilities(onnx) - probabilities(reference)).abs().max() <= 1e-4  # batches of 5 and a last one of 3
     single = torch.tensor([onnx.classify(p) for p in IMAGES[:3]])
     assert (single - probabilities(reference)[:3]).abs().max() <= 1e-4
-    meta = onnx_metadata(current_onnx(checkpoint))
-    assert meta["source_sha256"] == file_sha256(checkpoint) and meta["conv_net"] == "base_cnn"
+    meta = onnx_metadata(current_onnx(Checkpoint("base_cnn", checkpoint)))
+    assert meta["source_sha256"] == Checkpoint("base_cnn", checkpoint).sha256 and meta["conv_net"] == "base_cnn"
     assert meta["img_size"] == "32" and meta["classes"] == "cat,dog"
 
 
 def test_stale_export_is_replaced_from_the_new_weights(tmp_path, capsys):
     model_path = saved(tmp_path / "model_base_cnn.pth", seed=1)
-    export_onnx("base_cnn", model_path)
+    export_onnx(Checkpoint("base_cnn", model_path))
     saved(model_path, seed=2)  # retrained: the export beside it no longer matches
-    assert current_onnx(model_path) is None
-    onnx = Predictor("base_cnn", model_path, "onnx")
+    assert current_onnx(Checkpoint("base_cnn", model_path)) is None
+    onnx = Predictor.open("base_cnn", model_path, "onnx")
     assert "missing or older than the weights" in capsys.readouterr().err
-    assert current_onnx(model_path) is not None
-    assert (probabilities(onnx) - probabilities(Predictor("base_cnn", model_path, "torch"))).abs().max() <= 1e-4
+    assert current_onnx(Checkpoint("base_cnn", model_path)) is not None
+    assert (probabilities(onnx) - probabilities(Predictor.open("base_cnn", model_path, "torch"))).abs().max() <= 1e-4
 
 
 def test_an_export_outside_the_limit_fails_and_writes_nothing(tmp_path):
     model_path = saved(tmp_path / "model_base_cnn.pth")
     with pytest.raises(ExportError, match="differs from torch"):
-        export_onnx("base_cnn", model_path, atol=-1.0)  # a limit no export meets: the comparison decides
+        export_onnx(Checkpoint("base_cnn", model_path), atol=-1.0)  # a limit no export meets: the comparison decides
     assert not os.path.exists(onnx_path(model_path))
     assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp")] == []
 
@@ -143,7 +144,7 @@ def test_handler_serves_an_onnx_model_like_the_torch_one(checkpoint, tmp_path):
     from ts.metrics.metrics_store import MetricsStore
 
     from models.handler import DogsVsCatsHandler
-    export_onnx("base_cnn", checkpoint)
+    export_onnx(Checkpoint("base_cnn", checkpoint))
     model_dir = tmp_path / "unpacked"
     model_dir.mkdir()
     for path in (onnx_path(checkpoint), os.path.splitext(checkpoint)[0] + ".json",
@@ -160,14 +161,14 @@ def test_handler_serves_an_onnx_model_like_the_torch_one(checkpoint, tmp_path):
     context.request_processor = [ts_context.RequestProcessor({}) for _ in images]
     answers = handler.handle([{"body": b} for b in images], context)
     assert context.get_response_status(4)[0] == 415  # a bad request still fails alone
-    reference = Predictor("base_cnn", checkpoint, "torch")
+    reference = Predictor.open("base_cnn", checkpoint, "torch")
     for data, answer in zip(images[:4], answers[:4]):
         (label, p), = json.loads(answer).items()
         assert p == pytest.approx(reference.classify(data)[CLASSES.index(label)], abs=1e-4)
 
 
 def test_an_onnx_model_without_onnx_runtime_says_what_to_install(checkpoint):
-    export_onnx("base_cnn", checkpoint)
+    export_onnx(Checkpoint("base_cnn", checkpoint))
     code = ("import sys; sys.modules['onnxruntime'] = None\n"
             "from models.handler import onnx_session\n"
             "try:\n    onnx_session(sys.argv[1])\nexcept RuntimeError as exc:\n    print(exc)\n")
@@ -184,7 +185,50 @@ SHIPPED = [name for name in ("base_cnn", "efficientnet_lite0")
 def test_shipped_export_is_current_and_agrees_with_torch(conv_net):
     """The shipped .onnx beside the shipped weights was exported from them, and computes what they compute."""
     weights = os.path.join(REPO_ROOT, "models", conv_net, "model_%s.pth" % conv_net)
-    assert current_onnx(weights) is not None, "stale or missing: python export_main.py --conv_net %s" % conv_net
-    onnx, reference = Predictor(conv_net, weights, "onnx"), Predictor(conv_net, weights, "torch")
+    assert current_onnx(Checkpoint(conv_net, weights)) is not None, \
+        "stale or missing: python export_main.py --conv_net %s" % conv_net
+    onnx, reference = Predictor.open(conv_net, weights, "onnx"), Predictor.open(conv_net, weights, "torch")
     assert onnx.onnx_path == onnx_path(weights)
     assert (probabilities(onnx) - probabilities(reference)).abs().max() <= 1e-4
+
+
+def test_a_first_export_reads_loads_hashes_and_runs_the_checkpoint_once(tmp_path, monkeypatch):
+    """Predictor on a checkpoint with no export yet: its meta JSON is read once, its weights loaded once and
+    hashed once, and the ONNX Runtime session the export was checked with is the one that serves."""
+    import functools
+    from models import checkpoint as checkpoint_module
+    from models import inference
+    model_path = saved(tmp_path / "model_base_cnn.pth")
+    calls = {"read_meta": 0, "load_checkpoint": 0, "sha256": 0, "onnx_session": 0}
+
+    def counting(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+    monkeypatch.setattr(checkpoint_module, "read_meta", counting("read_meta", checkpoint_module.read_meta))
+    monkeypatch.setattr(checkpoint_module, "load_checkpoint",
+                        counting("load_checkpoint", checkpoint_module.load_checkpoint))
+    hashing = functools.cached_property(counting("sha256", Checkpoint.__dict__["sha256"].func))
+    hashing.__set_name__(Checkpoint, "sha256")
+    monkeypatch.setattr(Checkpoint, "sha256", hashing)
+    monkeypatch.setattr(inference, "onnx_session", counting("onnx_session", inference.onnx_session))
+    predictor = Predictor.open("base_cnn", model_path, "onnx")
+    assert calls == {"read_meta": 1, "load_checkpoint": 1, "sha256": 1, "onnx_session": 1}, calls
+    assert predictor.onnx_path == onnx_path(model_path) and os.path.isfile(predictor.onnx_path)
+
+
+def test_the_serving_size_order_falls_back_to_the_serving_size_not_the_training_size(tmp_path):
+    """EfficientNet-Lite0 carries no img_size buffer: without its JSON, the registry's serving size (224), the
+    size the handler falls back to too, not its training size (192)."""
+    from models import MODELS, save_untrained
+    from models.handler import FALLBACK_IMG_SIZE, pick_img_size
+    path = save_untrained(str(tmp_path), "efficientnet_lite0")
+    os.remove(os.path.splitext(path)[0] + ".json")
+    spec = MODELS["efficientnet_lite0"]
+    assert spec.img_size == 192 and spec.eval_img_size == 224 == FALLBACK_IMG_SIZE
+    assert Checkpoint("efficientnet_lite0", path).img_size == 224
+    assert pick_img_size(None, None, None) == (FALLBACK_IMG_SIZE, "the fallback")
+    assert pick_img_size(64, 32, 48, 224) == (64, "the model config")
+    assert pick_img_size(None, 32, 48, 224) == (32, "the weights")
+    assert pick_img_size(None, None, 48, 224) == (48, "the meta JSON")

@@ -127,7 +127,7 @@ def test_nothing_readable_is_exit_2_and_no_csv(tmp_path, model_path):
 def test_model_trained_at_another_size_needs_no_flag(tmp_path):
     """img_size comes from the meta JSON beside the weights."""
     path = saved_model(tmp_path / "m40.pth", img_size=40, seed=1)
-    predictor = Predictor("base_cnn", path)
+    predictor = Predictor.open("base_cnn", path)
     assert predictor.img_size == 40
     image = os.path.join(TEST1_DIR, "2124.jpg")
     (_, probs), = predictor.predict_files([image])
@@ -141,7 +141,8 @@ def test_training_prediction_and_serving_decode_a_big_jpeg_alike(tmp_path):
     path = tmp_path / "dog.1.jpg"
     Image.open(os.path.join(TRAIN_DIR, "dog.3.jpg")).resize((3000, 2000)).save(path, quality=90)
     served = eval_transform(64)(open_rgb(path.read_bytes(), 64))  # models/handler.py's preprocess_one
-    predicted, error = Predictor("base_cnn", saved_model(tmp_path / "m64.pth", img_size=64), "torch").decode(str(path))
+    predictor = Predictor.open("base_cnn", saved_model(tmp_path / "m64.pth", img_size=64), "torch")
+    predicted, error = predictor.decode(str(path))
     trained, _ = _decode_one((str(path), 64))
     assert error is None
     assert torch.equal(predicted, served) and torch.equal(normalize(torch.from_numpy(trained)), served)
@@ -152,7 +153,7 @@ def test_training_prediction_and_serving_decode_a_big_jpeg_alike(tmp_path):
 def test_eps_file_is_skipped_without_reaching_its_plugin(tmp_path, eps_plugin_calls):
     path = tmp_path / "1.jpg"
     path.write_bytes(eps_bytes())
-    tensor, why = Predictor("base_cnn", saved_model(tmp_path / "m32.pth"), "torch").decode(str(path))
+    tensor, why = Predictor.open("base_cnn", saved_model(tmp_path / "m32.pth"), "torch").decode(str(path))
     assert tensor is None and why.startswith("unsupported image format") and eps_plugin_calls == []
 
 
@@ -161,7 +162,7 @@ def test_eps_file_is_skipped_without_reaching_its_plugin(tmp_path, eps_plugin_ca
 def test_one_image_prints_label_and_probability_and_saves_the_figure(tmp_path, model_path, capsys):
     fig = tmp_path / "figs" / "fig.png"
     image = os.path.join(TEST1_DIR, "2124.jpg")
-    label, prob = predict_main.predict_image(Predictor("base_cnn", model_path), image, str(fig))
+    label, prob = predict_main.predict_image(Predictor.open("base_cnn", model_path), image, str(fig))
     p_dog = expected_p_dog(model_path, 32, image)
     assert label == ("dog" if p_dog > 0.5 else "cat")
     assert prob == pytest.approx(max(p_dog, 1 - p_dog), abs=1e-6)

@@ -199,12 +199,13 @@ def _extract_checkpoint(mar_path, directory, source_weights=None):
             mar.extract(meta, directory)
     if not serialized.endswith(".onnx"):
         return os.path.splitext(manifest["modelFile"])[0], os.path.join(directory, serialized), "torch"
-    from models.inference import file_sha256, onnx_metadata
+    from models.checkpoint import Checkpoint
+    from models.inference import onnx_metadata
     from models.handler import onnx_session
     source = onnx_metadata(onnx_session(os.path.join(directory, serialized)))
     conv_net = source["conv_net"]
     weights = source_weights or os.path.join(REPO_ROOT, "models", conv_net, source["source"])
-    assert os.path.isfile(weights) and file_sha256(weights) == source["source_sha256"], \
+    assert os.path.isfile(weights) and Checkpoint(conv_net, weights).sha256 == source["source_sha256"], \
         "%s was not exported from %s" % (mar_path, weights)
     return conv_net, weights, "onnx"
 
