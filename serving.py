@@ -33,6 +33,8 @@ import sys
 import tempfile
 import time
 
+from deployment import readiness  # the one readiness check (make serve, the image's HEALTHCHECK, Kubernetes)
+
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 DEPLOYMENT = os.path.join(REPO_ROOT, "deployment")
 SHIPPED_CONFIG = os.path.join(DEPLOYMENT, "config.properties")
@@ -98,33 +100,7 @@ def socket_path(address):
     return address[len("unix:"):] if address.startswith("unix:") else None
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP over a Unix socket: how the management API is reached (see docs/serving.md)."""
-
-    def __init__(self, path, timeout):
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self._path)
-
-
-def http_request(address, method, path, body=None, timeout=10, headers=None):
-    """(status, body text) of one request to a TorchServe API at `address` (http://host:port or unix:/path)."""
-    sock = socket_path(address)
-    if sock:
-        conn = _UnixHTTPConnection(sock, timeout)
-    else:
-        host, port = re.match(r"^https?://([^:/]+):(\d+)", address).groups()
-        conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, response.read().decode("utf-8", "replace")
-    finally:
-        conn.close()
+http_request = readiness.request  # (status, body text) of one request to http://host:port or unix:/path
 
 
 def _port_in_use(address):
@@ -400,7 +376,8 @@ class TorchServe(object):
         return [w["pid"] for w in self.workers(model) if w.get("status") == "READY"]
 
     def wait_ready(self, model, exclude_pids=(), deadline=None, timeout=300):
-        """Wait until `model` has minWorkers READY workers (none of them in exclude_pids)."""
+        """Wait until `model` has minWorkers READY workers (none of them in exclude_pids): deployment/readiness.py's
+        check with every=True, naming the log line that says why when the model will not load."""
         waited_from = time.monotonic()
         deadline = deadline or waited_from + timeout
         mar = self.models.get(model, model + ".mar")
@@ -412,13 +389,12 @@ class TorchServe(object):
             if failed:
                 raise TorchServeError(failed)
             try:
-                info = self.describe(model)
-                ready = [w["pid"] for w in info.get("workers", [])
-                         if w.get("status") == "READY" and w.get("pid") not in exclude_pids]
-                if ready and len(ready) >= info.get("minWorkers", 1):
+                ready, minimum = readiness.workers(self.management_address, model)
+                ready = [pid for pid in ready if pid not in exclude_pids]
+                if ready and len(ready) >= minimum:
                     self._process_tree()
                     return ready
-            except (OSError, TorchServeError, ValueError, IndexError, http.client.HTTPException):
+            except (OSError, LookupError, ValueError, IndexError, http.client.HTTPException):
                 pass
             if time.monotonic() > deadline:
                 raise TorchServeError("%s has no READY worker after %.0f s: %s"
@@ -633,10 +609,8 @@ def cmd_status(args):
     parts = []
     for model in state["models"]:
         try:
-            status, body = http_request(state["management_address"], "GET", "/models/" + model)
-            workers = json.loads(body)[0]["workers"] if status == 200 else []
-            ready = sum(1 for w in workers if w.get("status") == "READY")
-            parts.append("%s %d/%d workers READY" % (model, ready, len(workers)))
+            ready, minimum = readiness.workers(state["management_address"], model)
+            parts.append("%s %d/%d workers READY" % (model, len(ready), minimum))
         except (OSError, ValueError, LookupError, http.client.HTTPException) as e:
             parts.append("%s: %s" % (model, e))
     print("TorchServe is running (pid %d): %s; inference %s, management %s"

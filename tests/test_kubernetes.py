@@ -150,14 +150,14 @@ def test_probes_mean_alive_and_every_model_ready():
     for probe in ("startupProbe", "livenessProbe"):
         assert c[probe]["httpGet"] == {"path": "/ping", "port": "inference"}
     command = readiness_command()
-    assert command[:2] == ["python", "-c"]  # the image's Python, as its HEALTHCHECK uses
-    assert "CMD python -c" in dockerfile()
-    assert "/models/" in command[2] and "READY" in command[2] and "TS_MANAGEMENT_ADDRESS" in command[2]
-    assert "management_address=" in command[2] and "AF_UNIX" in command[2]  # the image's socket by default
+    # the project's one readiness check, copied into the image, run by the image's Python as its HEALTHCHECK is
+    assert command[:2] == ["python", "/home/model-server/readiness.py"]
+    assert "COPY --chown=model-server readiness.py /home/model-server/" in dockerfile()
+    assert re.search(r"(?m)^    CMD python /home/model-server/readiness.py$", dockerfile())
     # the archives the image is built with (COPY model-store/*.mar, LOAD_MODELS=all)
     assert "ARG LOAD_MODELS=all" in dockerfile() and "COPY --chown=model-server model-store/*.mar" in dockerfile()
     if shipped_models():
-        assert command[3:] == shipped_models()
+        assert command[2:] == shipped_models()
 
 
 def test_non_root_user_of_the_image_and_resources_for_its_workers():
@@ -199,7 +199,9 @@ class ManagementStub(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         model = self.path.rsplit("/", 1)[-1]
-        if not self.path.startswith("/models/") or model not in self.statuses:
+        if self.path == "/models":  # the list of registered models
+            body, code = {"models": [{"modelName": m, "modelUrl": m + ".mar"} for m in self.statuses]}, 200
+        elif not self.path.startswith("/models/") or model not in self.statuses:
             body, code = {"code": 404, "type": "ModelNotFoundException", "message": "Model not found: " + model}, 404
         else:
             body, code = [{"modelName": model, "workers": [{"id": str(9000 + i), "status": s}
@@ -226,10 +228,11 @@ def stub():
 
 
 def run_readiness(address, models=None):
+    """The probe's command, with deployment/readiness.py where the image has it."""
     command = readiness_command()
-    models = command[3:] if models is None else models
-    return subprocess.run([sys.executable] + command[1:3] + models, capture_output=True, text=True, timeout=60,
-                          env=dict(os.environ, TS_MANAGEMENT_ADDRESS=address))
+    models = command[2:] if models is None else models
+    return subprocess.run([sys.executable, os.path.join(DEPLOYMENT_DIR, "readiness.py")] + models,
+                          capture_output=True, text=True, timeout=60, env=dict(os.environ, TS_MANAGEMENT_ADDRESS=address))
 
 
 @pytest.mark.parametrize("statuses, ready", [
@@ -245,10 +248,16 @@ def test_readiness_command_against_a_management_api(stub, statuses, ready):
     assert (result.returncode == 0) == ready, result.stderr
 
 
-def test_readiness_command_fails_without_a_server_or_a_model_to_check(stub):
+def test_readiness_command_checks_every_registered_model_and_fails_without_a_server(stub):
+    """Named no model (the image's HEALTHCHECK), it checks every model the server has registered."""
     address = "http://127.0.0.1:%d" % stub.server_port
-    ManagementStub.statuses = {"base_cnn": ["READY"]}
-    assert run_readiness(address, []).returncode != 0
+    ManagementStub.statuses = {"base_cnn": ["READY"], "efficientnet_lite0": ["READY"]}
+    assert run_readiness(address, []).returncode == 0
+    ManagementStub.statuses = {"base_cnn": ["READY"], "efficientnet_lite0": ["LOADING"]}
+    result = run_readiness(address, [])
+    assert result.returncode == 1 and result.stderr.strip() == "not ready: efficientnet_lite0: 0 of 1 workers READY"
+    ManagementStub.statuses = {}
+    assert run_readiness(address, []).stderr.strip() == "not ready: no model is registered"
     stub.shutdown()
     stub.server_close()
     assert run_readiness(address, ["base_cnn"]).returncode != 0

@@ -353,3 +353,31 @@ def test_cli_names_the_log_line_of_a_model_that_does_not_load(tmp_path):
     finally:
         run_cli(state, "stop")
         shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def test_ping_says_healthy_while_a_model_cannot_answer_and_readiness_says_which(tmp_path):
+    """What deployment/readiness.py says of /ping, on a real server: a model whose worker cannot load is
+    retried, and meanwhile /ping answers 200 "Healthy"; the readiness check (the probe's command) says
+    the model is not ready, and names it."""
+    store = tmp_path / "store"
+    store.mkdir()
+    (tmp_path / "broken_handler.py").write_text(BROKEN_HANDLER)
+    (tmp_path / "weights.pth").write_bytes(b"not used")
+    subprocess.run([os.path.join(VENV_BIN, "torch-model-archiver"), "--model-name", "broken", "--version", "1.0",
+                    "--serialized-file", str(tmp_path / "weights.pth"), "--handler", str(tmp_path / "broken_handler.py"),
+                    "--export-path", str(store)], check=True)
+    with serving.TorchServe(str(tmp_path / "server"), str(store), {"broken": "broken.mar"}, wait_for=[]) as ts:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # registered, its worker failing and being retried
+            try:
+                if ts.workers("broken") and "this handler fails on purpose" in ts.model_log():
+                    break
+            except (OSError, serving.TorchServeError, ValueError):
+                pass
+            time.sleep(0.5)
+        ping = requests.get(ts.url("ping"), timeout=10)
+        assert ping.status_code == 200 and ping.json()["status"] == "Healthy", ping.text
+        probe = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "deployment", "readiness.py")],
+                               capture_output=True, text=True, timeout=60,
+                               env=dict(os.environ, TS_MANAGEMENT_ADDRESS=ts.management_address))
+        assert probe.returncode == 1 and probe.stderr.strip() == "not ready: broken: 0 of 1 workers READY", probe.stderr
