@@ -11,10 +11,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 # TorchServe starts its Python workers with the first python on PATH: the venv's.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
-# The shipped models: those whose trained weights ship (models/NAME/model_NAME.pth), as serving.py reads them.
-MODELS := $(sort $(patsubst models/%/,%,$(dir $(wildcard models/*/model_*.pth))))
-ARCHIVES := $(foreach m,$(MODELS),deployment/model-store/$(m).mar)
-
 .PHONY: setup test test-fast serve stop status archives
 
 setup: $(VENV)/.installed
@@ -31,20 +27,16 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# deployment/archive.sh with no model: every shipped one (the registry's models.shipped_models()).
 archives: setup
-	deployment/archive.sh $(MODELS)
+	deployment/archive.sh
 
-# Only an archive that is missing is built (order-only prerequisite): the shipped ones are
-# committed, and rebuilding them from a fresh clone's checkpoints would only rewrite them.
-deployment/model-store/%.mar: | setup
-	deployment/archive.sh $*
-
-# serving.py starts TorchServe in the background (its console output in logs/console.log,
-# every log rotated), waits until every model has its workers READY and classifies the sample
-# images; a server already running, a busy port or a model that does not load is one line
-# and exit status 2.
-serve: setup | $(ARCHIVES)
-	$(BIN)/python serving.py start --models $(MODELS)
+# serving.py builds an archive only if one is missing (the shipped ones are committed), starts
+# TorchServe in the background (its console output in logs/console.log, every log rotated),
+# waits until every shipped model has its workers READY and classifies the sample images; a
+# server already running, a busy port or a model that does not load is one line and exit status 2.
+serve: setup
+	$(BIN)/python serving.py start
 
 stop:
 	@$(BIN)/python serving.py stop

@@ -12,16 +12,15 @@ more than 1e-4 on any check image fails (exit 2) and writes nothing.
 """
 import os
 
-from models import MODELS
 from models.checkpoint import CheckpointError
 from models.inference import EXPORT_ATOL, SAMPLE_IMAGES, ExportError, current_onnx, export_onnx
-from parsers import DefaultsHelpFormatter, OneLineErrorParser, fail
+from parsers import DefaultsHelpFormatter, OneLineErrorParser, add_conv_net, fail
 from parsers.predict_parser import open_checkpoint
 
 
 def build_parser():
     p = OneLineErrorParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
-    p.add_argument("--conv_net", choices=sorted(MODELS), default="base_cnn", help="model the checkpoint was trained as")
+    add_conv_net(p, "model the checkpoint was trained as")
     p.add_argument("--model_path", default=None,
                    help="the checkpoint (default: models/<conv_net>/model_<conv_net>.pth)")
     p.add_argument("--out", default=None, help="ONNX file to write (default: the checkpoint's path with .onnx)")

@@ -4,8 +4,9 @@
     python serving.py status
     python serving.py stop
 
-`make serve` and `make stop` call this. `start` serves deployment/model-store's archives
-with deployment/config.properties (inference on 127.0.0.1:8080, the management API on the
+`make serve` and `make stop` call this. `start` serves deployment/model-store's archives of the
+shipped models (the registry's models.shipped_models(); an archive missing from the store is
+built first with deployment/archive.sh) with deployment/config.properties (inference on 127.0.0.1:8080, the management API on the
 Unix socket the config names, logs in logs/), waits until every model has its workers
 READY, classifies the sample images with each model and returns, leaving the server
 running. Errors are one line on stderr and exit status 2: a server already running, a
@@ -42,10 +43,6 @@ LOG4J2_CONFIG = os.path.join(DEPLOYMENT, "log4j2.xml")
 MODEL_STORE = os.path.join(DEPLOYMENT, "model-store")
 ARCHIVE_SH = os.path.join(DEPLOYMENT, "archive.sh")
 VENV_BIN = os.path.dirname(sys.executable)  # run by the venv's Python: its torchserve and worker Python
-# The shipped models are the registry's models whose trained weights ship (models/NAME/model_NAME.pth):
-# read from the files, so that this CLI starts without importing torch. The Makefile's wildcard says the same.
-SHIPPED_MODELS = tuple(sorted(name for name in os.listdir(os.path.join(REPO_ROOT, "models"))
-                              if os.path.isfile(os.path.join(REPO_ROOT, "models", name, "model_%s.pth" % name))))
 # What `make serve` classifies with each model once it is up.
 SERVE_CHECK_IMAGES = ("tests/fixtures/images/test1/2124.jpg", "tests/fixtures/images/train/cat.0.jpg")
 # What `python serving.py start` keeps between commands: the generated config and the PIDs to stop.
@@ -554,6 +551,16 @@ def cmd_start(args):
     if running:
         return _fail("TorchServe is already running (pid %d, %s): `make stop` first"
                      % (running["procs"][0].pid, running["inference_address"]))
+    if not args.models:  # the shipped models, asked of the registry (this imports torch: start only)
+        from models import shipped_models
+        args.models = shipped_models()
+    missing = [m for m in args.models if not os.path.exists(os.path.join(args.model_store, m + ".mar"))]
+    if missing:  # only an archive that is missing: the shipped ones are committed, and built from the same files
+        print("building %s with deployment/archive.sh" % ", ".join(m + ".mar" for m in missing), flush=True)
+        built = subprocess.run(["bash", ARCHIVE_SH, "--export-path", args.model_store] + missing,
+                               env=dict(os.environ, PYTHON=sys.executable))
+        if built.returncode != 0:
+            return _fail("deployment/archive.sh could not build %s (its messages are above)" % ", ".join(missing))
     models = {m: m + ".mar" for m in args.models}
     server = TorchServe(args.state_dir, args.model_store, models, free_ports=False, logs=args.logs,
                         start_timeout=args.timeout, config=args.config)
@@ -625,7 +632,8 @@ def main(argv=None):
                         help="where start keeps the generated config and the PIDs stop needs (.torchserve/)")
     sub = parser.add_subparsers(dest="command", required=True)
     start = sub.add_parser("start", help="start TorchServe on the shipped config, wait for READY, classify")
-    start.add_argument("--models", nargs="+", default=list(SHIPPED_MODELS))
+    start.add_argument("--models", nargs="+", default=None,
+                       help="the models to serve (default: the shipped ones, models.shipped_models())")
     start.add_argument("--model-store", default=MODEL_STORE)
     start.add_argument("--config", default=SHIPPED_CONFIG, help="the config.properties to serve with")
     start.add_argument("--logs", default=LOGS)

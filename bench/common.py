@@ -17,10 +17,10 @@ import subprocess
 import time
 
 from hardware import cpu_info
-from models import SAMPLE_IMAGES
-from serving import SHIPPED_MODELS, java_command  # noqa: F401  (SHIPPED_MODELS: what the scripts measure by default)
+from models import REPO_ROOT, SAMPLE_IMAGES, shipped_models
+from serving import java_command  # noqa: F401
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED_MODELS = tuple(shipped_models())  # what the scripts measure by default
 RESULTS_DIR = os.path.join(REPO_ROOT, "bench", "results")
 FIXTURES = SAMPLE_IMAGES  # the committed sample photos, what smoke runs classify
 FIXTURE_TRAIN = os.path.join(FIXTURES, "train")

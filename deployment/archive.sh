@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the TorchServe archives (.mar) of the trained models.
 #
-#   deployment/archive.sh                      # base_cnn, vgg, efficientnet_lite0 -> deployment/model-store
+#   deployment/archive.sh                      # every shipped model (trained weights in models/) -> deployment/model-store
 #   deployment/archive.sh base_cnn             # just one
 #   deployment/archive.sh --export-path /tmp/store base_cnn=/tmp/run/model_base_cnn.pth
 #   deployment/archive.sh --backend torch base_cnn  # PyTorch eager in the server instead of ONNX Runtime
@@ -46,11 +46,14 @@ fi
 ALL_MODELS=()
 SHIPPED_WEIGHTS=()
 MODEL_FILES=()
-while read -r name weights model_file; do
+SHIPPED_MODELS=()
+while read -r name weights model_file shipped; do
     ALL_MODELS+=("$name"); SHIPPED_WEIGHTS+=("$weights"); MODEL_FILES+=("$model_file")
-done < <(cd "$ROOT" && "$PYTHON" -c 'from models import MODELS, weights_path
+    if [ "$shipped" = shipped ]; then SHIPPED_MODELS+=("$name"); fi
+done < <(cd "$ROOT" && "$PYTHON" -c 'from models import MODELS, shipped_models, weights_path
+shipped = shipped_models()
 for name, spec in MODELS.items():
-    print(name, weights_path(name), spec.model_file)')
+    print(name, weights_path(name), spec.model_file, "shipped" if name in shipped else "-")')
 if [ ${#ALL_MODELS[@]} -eq 0 ]; then
     echo "error: cannot read the model registry (models.MODELS) with $PYTHON" >&2
     exit 2
@@ -70,7 +73,8 @@ usage() {
     cat <<EOF
 usage: $0 [options] [MODEL[=CHECKPOINT] ...]
 
-  MODEL               one of: ${ALL_MODELS[*]} (default: all of them)
+  MODEL               one of: ${ALL_MODELS[*]} (default: those whose weights are
+                      in models/: ${SHIPPED_MODELS[*]:-none})
   CHECKPOINT          weights to ship (default: models/MODEL/model_MODEL.pth); its meta
                       JSON (same name, .json) is shipped too
   --export-path DIR   where the .mar files go (default: deployment/model-store)
@@ -112,7 +116,12 @@ while [ $# -gt 0 ]; do
         *) SPECS+=("$1"); shift ;;
     esac
 done
-[ ${#SPECS[@]} -gt 0 ] || SPECS=("${ALL_MODELS[@]}")
+# No model named: the shipped ones, those whose trained weights are in models/ (models.shipped_models()).
+[ ${#SPECS[@]} -gt 0 ] || SPECS=("${SHIPPED_MODELS[@]}")
+if [ ${#SPECS[@]} -eq 0 ]; then
+    echo "no trained weights in models/ to archive (train a model first with train_main.py)" >&2
+    exit 1
+fi
 case "$FORMAT" in
     default|zip-store) ;;
     *) echo "error: --archive-format must be default or zip-store (got $FORMAT)" >&2; exit 2 ;;

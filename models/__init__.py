@@ -16,6 +16,9 @@ from models.efficientnet_lite0.efficientnet_lite0 import EfficientNetLite0
 from models.vgg.vgg import VGG
 
 MODELS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(MODELS_DIR)  # the product's one definition of it (serving.py keeps a torch-free copy)
+# The original README's default network: --conv_net of every command line.
+DEFAULT_CONV_NET = "base_cnn"
 # Real Kaggle photos committed with the project (train/: 12 cats and 12 dogs; test1/: 4 unlabeled):
 # what an ONNX export is checked on, what smoke runs and the tests classify.
 SAMPLE_IMAGES = os.path.join(os.path.dirname(MODELS_DIR), "tests", "fixtures", "images")
@@ -133,6 +136,12 @@ MODELS = {
 def weights_path(conv_net, model_path=None):
     """--model_path when given, else the shipped weights of `conv_net` (predict, evaluate, export)."""
     return model_path or MODELS[conv_net].default_model_path
+
+
+def shipped_models():
+    """The models whose trained weights ship (models/NAME/model_NAME.pth exists): what make serve serves,
+    deployment/archive.sh archives by default, the benchmarks measure. Asked of the registry everywhere."""
+    return [name for name in sorted(MODELS) if os.path.isfile(os.path.join(REPO_ROOT, weights_path(name)))]
 
 
 def build_model(name, dropout=None, pretrained=False, pretrained_weights=None):

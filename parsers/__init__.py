@@ -9,6 +9,13 @@ import torch
 DEFAULT_DATA_DIR = "data/train"
 
 
+def add_conv_net(p, help, add=None):
+    """--conv_net: a registry name, the original README's base_cnn by default (one definition for every command).
+    add: the parser's add_argument, or a wrapper of it (train_parser's flag)."""
+    from models import DEFAULT_CONV_NET, MODELS
+    return (add or p.add_argument)("--conv_net", choices=sorted(MODELS), default=DEFAULT_CONV_NET, help=help)
+
+
 def fail(message):
     """One line on stderr and exit code 2: bad input is the user's to fix, not a traceback."""
     print("error: %s" % message, file=sys.stderr)

@@ -1,12 +1,13 @@
 """Command-line flags of predict_main.py (and the options evaluate_main.py shares with it)."""
 
-from models import MODELS, weights_path
-from parsers import DefaultsHelpFormatter, OneLineErrorParser, fail, non_negative_int, pick_device, positive_int
+from models import weights_path
+from parsers import (DefaultsHelpFormatter, OneLineErrorParser, add_conv_net, fail, non_negative_int, pick_device,
+                     positive_int)
 
 
 def add_model_arguments(p):
     """--conv_net, --model_path and the inference options; everything else comes from the checkpoint."""
-    p.add_argument("--conv_net", choices=sorted(MODELS), default="base_cnn", help="model the checkpoint was trained as")
+    add_conv_net(p, "model the checkpoint was trained as")
     p.add_argument("--model_path", default=None,
                    help="trained weights; the image size and the rest are read from the JSON training wrote "
                         "beside them (default: models/<conv_net>/model_<conv_net>.pth)")

@@ -6,8 +6,8 @@ models.ModelSpec (img_size, lr, ...) takes its default from the model's registry
 from dataclasses import fields
 
 from models import MODELS, ModelSpec
-from parsers import (DEFAULT_DATA_DIR, DefaultsHelpFormatter, OneLineErrorParser, non_negative_int, positive_int,
-                     unit_fraction)
+from parsers import (DEFAULT_DATA_DIR, DefaultsHelpFormatter, OneLineErrorParser, add_conv_net, non_negative_int,
+                     positive_int, unit_fraction)
 
 # A flag named like one of these takes its default from the model: None on the command line, the
 # registry's value in training.
@@ -53,7 +53,7 @@ def build_parser():
         p.option_names[action.dest] = action.option_strings[0]
         return action
 
-    flag("--conv_net", choices=sorted(MODELS), default="base_cnn", help="model to train")
+    add_conv_net(p, "model to train", add=flag)
     flag("--data_dir", default=DEFAULT_DATA_DIR,
          help="labeled images: flat Kaggle layout (cat.N.jpg, dog.N.jpg) or cat/ and dog/ sub-folders")
     flag("--model_path", default=None, help="where the best state_dict goes (default: "

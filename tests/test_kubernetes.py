@@ -6,7 +6,6 @@ The probes' exact commands run here against a stub management API and against a 
 TorchServe serving the shipped archives; tests/test_docker.py runs them in the real container
 (RUN_DOCKER_TESTS=1).
 """
-import glob
 import http.server
 import json
 import os
@@ -80,7 +79,8 @@ def readiness_command():
 
 
 def shipped_models():
-    return sorted(os.path.basename(p)[:-4] for p in glob.glob(os.path.join(STORE, "*.mar")))
+    from models import shipped_models
+    return shipped_models()
 
 
 # ---- schemas ------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ shared with training. The fault test, which kills base_cnn's worker, runs last.
 """
 import concurrent.futures
 import csv
-import glob
 import json
 import os
 import re
@@ -32,6 +31,7 @@ import requests
 import yaml
 
 from loadtest import percentile, send_requests
+from models import shipped_models
 from serving import java_command
 from tests.serving_utils import (REPO_ROOT, SHIPPED_CONFIG, TEST1_DIR, TRAIN_DIR, TorchServe, archive, bomb_png,
                                  dog_probability, encode, eps_bytes, expected_dog_probabilities, fixture_bytes,
@@ -44,7 +44,7 @@ pytestmark = pytest.mark.skipif(java_command() is None, reason="TorchServe needs
 IMG_SIZE = 64
 ENGINE_OF = {"base_cnn": "onnx", "base_cnn_torch": "torch"}  # the test archives: one per engine, the same weights
 SHIPPED_STORE = os.path.join(REPO_ROOT, "deployment", "model-store")
-SHIPPED = sorted(os.path.basename(p)[:-4] for p in glob.glob(os.path.join(SHIPPED_STORE, "*.mar")))
+SHIPPED = shipped_models()
 TEST1 = ["1.jpg", "2.jpg", "3.jpg", "2124.jpg"]
 GOOD_NAMES = ["cat.0.jpg", "cat.2.jpg", "cat.5.jpg", "dog.0.jpg", "dog.3.jpg", "dog.8.jpg", "dog.11.jpg",
               "cat.11.jpg"]

@@ -14,10 +14,10 @@ import zipfile
 
 import pytest
 
-from models import MODELS, weights_path
+from models import shipped_models, weights_path
 from serving import ARCHIVE_SH, MODEL_STORE, REPO_ROOT
 
-SHIPPED = [name for name in MODELS if os.path.isfile(os.path.join(REPO_ROOT, weights_path(name)))]
+SHIPPED = shipped_models()
 
 
 def archive_content(path):
