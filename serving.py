@@ -44,7 +44,7 @@ MODEL_STORE = os.path.join(DEPLOYMENT, "model-store")
 ARCHIVE_SH = os.path.join(DEPLOYMENT, "archive.sh")
 VENV_BIN = os.path.dirname(sys.executable)  # run by the venv's Python: its torchserve and worker Python
 # What `make serve` classifies with each model once it is up.
-SERVE_CHECK_IMAGES = ("tests/fixtures/images/test1/2124.jpg", "tests/fixtures/images/train/cat.0.jpg")
+SERVE_CHECK_IMAGES = ("samples/test1/2124.jpg", "samples/train/cat.0.jpg")
 # What `python serving.py start` keeps between commands: the generated config and the PIDs to stop.
 STATE_DIR = os.path.join(REPO_ROOT, ".torchserve")
 LOGS = os.path.join(REPO_ROOT, "logs")

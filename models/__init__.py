@@ -19,9 +19,10 @@ MODELS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(MODELS_DIR)  # the product's one definition of it (serving.py keeps a torch-free copy)
 # The original README's default network: --conv_net of every command line.
 DEFAULT_CONV_NET = "base_cnn"
-# Real Kaggle photos committed with the project (train/: 12 cats and 12 dogs; test1/: 4 unlabeled):
-# what an ONNX export is checked on, what smoke runs and the tests classify.
-SAMPLE_IMAGES = os.path.join(os.path.dirname(MODELS_DIR), "tests", "fixtures", "images")
+# Real Kaggle photos committed with the project (samples/train/: 12 cats and 12 dogs; samples/test1/: 4
+# unlabeled): what an ONNX export is checked on, what make serve, the README's commands, smoke runs and the
+# tests classify.
+SAMPLE_IMAGES = os.path.join(REPO_ROOT, "samples")
 
 with open(os.path.join(MODELS_DIR, "index_to_name.json")) as f:
     INDEX_TO_NAME = {int(k): v for k, v in json.load(f).items()}

@@ -185,7 +185,7 @@ def test_fresh_clone_serves_predicts_evaluates_and_stays_clean(fresh_image, sour
         "cd dogscats",
         limit + "make serve",
         # the user's Kaggle download, played by the fixture images, where the README puts it
-        "mkdir -p data && cp -r tests/fixtures/images/train tests/fixtures/images/test1 data/",
+        "mkdir -p data && cp -r samples/train samples/test1 data/",
         ". .venv/bin/activate",
         limit + README_PREDICT,
         limit + README_SUBMISSION,
@@ -212,7 +212,7 @@ def test_fresh_clone_serves_predicts_evaluates_and_stays_clean(fresh_image, sour
     print(out[-6000:], flush=True)
     assert result.returncode == 0, "exit %d:\n%s" % (result.returncode, out[-6000:])
     for model in ("base_cnn", "efficientnet_lite0"):
-        assert re.search(r'(?m)^%s tests/fixtures/images/test1/2124\.jpg -> \{"(cat|dog)": 0\.\d+\}$' % model, out), model
+        assert re.search(r'(?m)^%s samples/test1/2124\.jpg -> \{"(cat|dog)": 0\.\d+\}$' % model, out), model
     assert "TorchServe is running" in out and "TorchServe stopped" in out
     assert re.search(r"(?m)^data/test1/2124\.jpg: (cat|dog) \(probability 0\.\d+\)$", out), out[-3000:]
     assert re.search(r"(?m)^wrote \d+ predictions to submission\.csv$", out)

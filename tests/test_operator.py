@@ -251,11 +251,11 @@ def test_cli_start_status_second_start_and_stop(tmp_path):
     state, logs = tmp_path / "state", tmp_path / "logs"
     state.mkdir()
     start = ["start", "--config", config, "--logs", str(logs), "--models", "base_cnn", "--classify",
-             "tests/fixtures/images/test1/2124.jpg"]
+             "samples/test1/2124.jpg"]
     try:
         result = run_cli(state, *start)
         assert result.returncode == 0, result.stdout + result.stderr
-        assert re.search(r'(?m)^base_cnn tests/fixtures/images/test1/2124\.jpg -> \{"(cat|dog)": 0\.\d+\}$',
+        assert re.search(r'(?m)^base_cnn samples/test1/2124\.jpg -> \{"(cat|dog)": 0\.\d+\}$',
                          result.stdout), result.stdout
         with open(state / "server.json") as f:
             pids = [pid for pid, _ in json.load(f)["processes"]]
