@@ -18,17 +18,11 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from models import CLASSES
-from models.transforms import ImageError, open_rgb, resize, to_uint8_tensor
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+from models.transforms import decode_file, is_image_file, resize, to_uint8_tensor
 
 
 class DataError(ValueError):
     """The data folder cannot be used for training; the message says why."""
-
-
-def is_image_file(name):
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
 def _is_broken_link(path):
@@ -43,14 +37,6 @@ def _image_files(folder):
         path = os.path.join(folder, name)
         return is_image_file(name) and (os.path.isfile(path) or _is_broken_link(path))
     return sorted(filter(wanted, os.listdir(folder)))
-
-
-def read_error(path, exc):
-    """Why `path` cannot be read, in one phrase; a symbolic link says where it points."""
-    why = "cannot read file: %s" % (exc.strerror or exc)
-    if os.path.islink(path):
-        why += " (a symbolic link to %s)" % os.readlink(path)
-    return why
 
 
 def detect_layout(root, classes=CLASSES):
@@ -165,12 +151,7 @@ def dry_run_subset(train, val, batch_size):
 
 def _decode_one(args):
     path, img_size = args
-    try:
-        return to_uint8_tensor(resize(open_rgb(path, img_size), img_size)).numpy(), None
-    except ImageError as exc:
-        return None, str(exc)
-    except OSError as exc:  # unreadable file: permissions, a broken or looping symbolic link...
-        return None, read_error(path, exc)
+    return decode_file(path, img_size, lambda img: to_uint8_tensor(resize(img, img_size)).numpy())
 
 
 def decode_images(samples, img_size, num_workers=0, desc="decoding"):

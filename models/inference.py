@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from models import SAMPLE_IMAGES
 from models.checkpoint import Checkpoint, CheckpointError, atomic_write_bytes
-from models.transforms import (ENGINES, ONNX_RUNTIME_MISSING, ImageError, eval_transform, onnx_engine, onnx_img_size,
-                               onnx_session, open_rgb, torch_engine)
+from models.transforms import (ENGINES, IMAGE_EXTENSIONS, ONNX_RUNTIME_MISSING, decode_file, eval_transform, onnx_engine,
+                               onnx_img_size, onnx_session, open_rgb, torch_engine)
 
 BACKENDS = ENGINES  # ("onnx", "torch")
 EXPORT_ATOL = 1e-4  # largest allowed difference of any probability between ONNX Runtime and torch
@@ -85,7 +85,6 @@ def current_onnx(checkpoint, threads=0):
 
 def sample_batch(img_size, folder=SAMPLE_IMAGES, limit=32):
     """Preprocessed real images from `folder` (recursively), at most `limit`, as one batch."""
-    from dataset import IMAGE_EXTENSIONS
     paths = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
                    if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)[:limit]
     if not paths:
@@ -243,13 +242,7 @@ class Predictor:
 
     def decode(self, path):
         """(model input tensor, None), or (None, why) for a file that is not an image we can read."""
-        try:
-            return self.preprocess(path), None
-        except ImageError as exc:
-            return None, str(exc)
-        except OSError as exc:  # unreadable file (permissions, a broken symbolic link, ...)
-            from dataset import read_error
-            return None, read_error(path, exc)
+        return decode_file(path, self.img_size, self.transform)
 
     def predict_files(self, paths, batch_size=32, num_workers=2, desc="predicting"):
         """[(path, probabilities as a list, or None)] in the order of `paths`.
