@@ -4,7 +4,7 @@ The best model (lowest validation loss; with no validation split, lowest trainin
 loss) is written at --model_path as a plain state_dict, atomically; with --ema_decay,
 the weights validated and kept are the moving average of the weights, not the last
 step's. A full checkpoint for --resume is rewritten at the end of every epoch.
-Under torchrun (distributed.py) every process trains on its share of each epoch and
+Under torchrun (training/distributed.py) every process trains on its share of each epoch and
 only rank 0 writes these files.
 """
 import copy
@@ -23,10 +23,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import calibration
+from training import calibration
 from models.checkpoint import (CheckpointError, atomic_torch_save, atomic_write, atomic_write_text, keep_previous,
                                load_checkpoint, one_line, read_meta, save_model, sidecar_path)
-from distributed import Cluster
+from training.distributed import Cluster
 from models.transforms import normalize
 from parsers.train_parser import (CALIBRATION_MAY_DIFFER, RESUME_IGNORES, RESUME_MAY_CHANGE, build_parser,
                                   option_name)
@@ -374,7 +374,7 @@ class Trainer:
 
     def calibrate(self):
         """After the last epoch: fit the best weights' calibration on the validation split
-        (calibration.py: a temperature, and flip TTA if it pays), or without one take it from
+        (training/calibration.py: a temperature, and flip TTA if it pays), or without one take it from
         --calibration_from (carried_calibration), and save the weights again with it, the report in
         their meta JSON. Returns the report; None, changing nothing, for a model without calibration
         or a run with neither."""

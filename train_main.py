@@ -8,10 +8,10 @@ from dataclasses import asdict, fields
 
 import torch
 
-from calibration import describe as describe_calibration
+from training.calibration import describe as describe_calibration
 from dataset import DataError, DecodedImages, data_fingerprint, decode_images, training_samples
-from distributed import Cluster, setup
-from hardware import pick_precision
+from training.distributed import Cluster, setup
+from training.hardware import pick_precision
 from models import CLASSES, MODELS, PretrainedWeightsError, build_model, set_serving_size, smallest_img_size
 from models.checkpoint import CheckpointError, check_writable
 from models.transforms import train_augment

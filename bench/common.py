@@ -16,7 +16,7 @@ import platform
 import subprocess
 import time
 
-from hardware import cpu_info
+from training.hardware import cpu_info
 from models import REPO_ROOT, SAMPLE_IMAGES, shipped_models
 from serving import java_command  # noqa: F401
 

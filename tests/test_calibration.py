@@ -1,10 +1,10 @@
-"""calibration.py and the calibration the EfficientNet-Lite0 weights carry: the fitted temperature,
+"""training/calibration.py and the calibration the EfficientNet-Lite0 weights carry: the fitted temperature,
 the flip-TTA decision, the model applying both in eval mode, and their way through saving, loading
 and the ONNX export."""
 import pytest
 import torch
 
-import calibration
+from training import calibration
 from models import CLASSES, build_model
 from models.checkpoint import save_model
 from models.checkpoint import Checkpoint

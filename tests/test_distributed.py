@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader
 from tests.support import REPO_ROOT, TRAIN_DIR, assert_same_weights, wait_for_first_epoch
 from ddp_probe import digests
 from dataset import DecodedImages, decode_images, find_labeled_images, stratified_split
-from distributed import _ProblemsOnly
-from hardware import pick_precision
+from training.distributed import _ProblemsOnly
+from training.hardware import pick_precision
 from models import build_model
 from train import evaluate
 

@@ -11,7 +11,7 @@ fixed 32-channel stem and 1280-channel head.
 
 Calibration travels in the weights: after training, train_main.py fits a temperature
 on the validation split and decides whether averaging the logits of each image and of
-its mirror image (flip test-time augmentation) pays (calibration.py). Both are buffers
+its mirror image (flip test-time augmentation) pays (training/calibration.py). Both are buffers
 of the state_dict, applied by forward() in eval mode, so prediction, evaluation, the
 ONNX export and both kinds of archive classify the same way from this one definition.
 """
