@@ -12,7 +12,7 @@ import json
 import os
 
 from dataset import DataError, find_labeled_images
-from evaluation import score_samples, training_split
+from evaluation.metrics import score_samples, training_split
 from models.checkpoint import CheckpointError, atomic_write_text
 from parsers.evaluate_parser import build_parser
 from parsers import fail

@@ -11,8 +11,7 @@ from tests.support import REPO_ROOT, TRAIN_DIR
 import evaluate_main
 import train_main
 from dataset import data_fingerprint, find_labeled_images, stratified_split
-import evaluation
-from evaluation import compute_metrics, log_loss
+from evaluation.metrics import compute_metrics, log_loss, training_split
 from models import CLASSES, build_model, set_serving_size
 from models.checkpoint import save_model
 
@@ -214,7 +213,7 @@ def test_validation_split_reproduces_trainings_accuracy(tmp_path, trained):
     assert report["accuracy"] == meta["val_acc"]
     assert report["log_loss"] == pytest.approx(meta["val_loss"], abs=1e-5)
     assert report["training"] == dict(epoch=1, val_acc=meta["val_acc"], val_loss=meta["val_loss"])
-    assert evaluation.training_split(meta, "val")[1] == val
+    assert training_split(meta, "val")[1] == val
 
 
 def test_train_split_is_the_rest(tmp_path, trained):
