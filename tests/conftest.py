@@ -2,16 +2,11 @@
 import atexit
 import os
 import shutil
-import sys
 import tempfile
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # the project's modules (dataset, train, models...) and tests.support
-    sys.path.insert(0, ROOT)
-
-from tests.support import TEST1_DIR, TRAIN_DIR  # noqa: E402
+from tests.support import TEST1_DIR, TRAIN_DIR  # pytest.ini puts the repository root on sys.path
 
 # torch's download cache is a fresh empty folder for the whole suite (subprocesses inherit it): weights a
 # developer downloaded once never make a test pass or fail; tests.support.OFFLINE_ENV makes a command offline.

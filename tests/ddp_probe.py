@@ -13,11 +13,8 @@ import json
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import train  # noqa: E402
-import train_main  # noqa: E402
+import train  # the repository root is on PYTHONPATH: tests/test_distributed.py runs this from it
+import train_main
 
 
 def digests(state_dict):

@@ -19,13 +19,10 @@ import zlib
 import requests
 from PIL import Image
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
-import serving  # noqa: E402  (the repository root, where the product modules live)
-from serving import (ARCHIVE_SH, SHIPPED_CONFIG, VENV_BIN, TorchServeError, free_port,  # noqa: E402,F401
+import serving
+from serving import (ARCHIVE_SH, SHIPPED_CONFIG, VENV_BIN, TorchServeError, free_port,  # noqa: F401
                      read_properties as _read_properties)
-from tests.support import FIXTURES, TEST1_DIR, TRAIN_DIR  # noqa: E402,F401 (re-exported to the serving tests)
+from tests.support import FIXTURES, REPO_ROOT, TEST1_DIR, TRAIN_DIR  # noqa: F401 (re-exported to the serving tests)
 
 
 # ---- checkpoints and archives ---------------------------------------------------------------

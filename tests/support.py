@@ -5,10 +5,8 @@ import subprocess
 import sys
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:  # the product's modules
-    sys.path.insert(0, REPO_ROOT)
-from models import SAMPLE_IMAGES as FIXTURES  # noqa: E402  (the sample photos: the product checks exports on them)
+from models import REPO_ROOT  # noqa: F401  (the product's one definition; pytest.ini puts it on sys.path)
+from models import SAMPLE_IMAGES as FIXTURES  # the sample photos (samples/): the product checks exports on them
 TRAIN_DIR = os.path.join(FIXTURES, "train")  # 24 labeled images, Kaggle's flat layout: 12 cats, 12 dogs
 TEST1_DIR = os.path.join(FIXTURES, "test1")  # 4 unlabeled images, Kaggle's test1/ naming
 

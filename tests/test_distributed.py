@@ -30,7 +30,7 @@ EPOCHS, SEED, VALIDATION_SPLIT = 5, 5, 0.25
 # `python -m torch.distributed.run` is what the torchrun command runs (this virtualenv's).
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 # torchrun sets OMP_NUM_THREADS=1 itself for several processes per host, with a banner; say it here.
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)  # tests/ddp_probe.py imports the product
 TIMEOUT = 300
 FILES = ["m.curve.png", "m.json", "m.metrics.jsonl", "m.pth", "m.resume.pt"]
 
