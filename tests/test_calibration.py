@@ -10,6 +10,7 @@ from models.checkpoint import save_model
 from models.checkpoint import Checkpoint
 from models.inference import Predictor, export_onnx
 from tests.support import FIXTURES
+from tests.helpers_training import one_thread  # noqa: F401  (autouse: torch on one thread)
 
 IMAGES = FIXTURES + "/train"
 

@@ -4,9 +4,10 @@ import os
 import pytest
 import torch
 
-from tests.support import run_cli
 from dataset import DataError, decode_images, find_images, find_labeled_images, stratified_split, training_samples
 from tests.serving_utils import eps_bytes
+from tests.helpers_training import one_thread  # noqa: F401  (autouse: torch on one thread)
+import train_main
 
 
 def test_flat_layout_labels_come_from_file_names(flat_data):
@@ -97,21 +98,25 @@ def test_unlabeled_folder_sorts_numeric_ids_numerically(tmp_path):
     (lambda d: ["--data_dir", d / "missing"], "not found"),
     (lambda d: ["--data_dir", d / "flat", "--validation_split", "1.2"], "validation_split"),
 ])
-def test_train_main_bad_data_exits_2_with_one_line(tmp_path, flat_data, make_args, message):
+def test_train_main_bad_data_exits_2_with_one_line(tmp_path, flat_data, capsys, make_args, message):
+    """train_main.main in this process (test_training.py's test_unwritable_model_path_exits_2_before_decoding
+    runs a real process for its exit status and one line)."""
     (tmp_path / "empty").mkdir()
-    result = run_cli("train_main.py", *make_args(tmp_path), "--model_path", tmp_path / "m.pth", "--dry-run")
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        train_main.main([*map(str, make_args(tmp_path)), "--model_path", str(tmp_path / "m.pth"), "--dry-run"])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
     assert not (tmp_path / "m.pth").exists()
 
 
-def test_train_main_skips_corrupt_file_and_names_it(tmp_path, flat_data):
+def test_train_main_skips_corrupt_file_and_names_it(tmp_path, flat_data, capsys):
     (flat_data / "dog.999.jpg").write_bytes(b"GIF89a truncated")
-    result = run_cli("train_main.py", "--data_dir", flat_data, "--model_path", tmp_path / "m.pth",
-                     "--img_size", 32, "--dry-run", "--num_workers", 0)
-    assert result.returncode == 0, result.stderr
-    assert result.stderr.count("dog.999.jpg") == 1
+    # Two epochs, not base_cnn's 16: the second shows the file is named once, when decoded, not each epoch.
+    # base_cnn's --batch_size (64) keeps every file, dog.999.jpg included, in the dry run's few batches.
+    train_main.main(["--data_dir", str(flat_data), "--model_path", str(tmp_path / "m.pth"), "--img_size", "32",
+                     "--epochs", "2", "--dry-run", "--num_workers", "0"])
+    assert capsys.readouterr().err.count("dog.999.jpg") == 1
     assert (tmp_path / "m.pth").exists()
 
 

