@@ -31,16 +31,16 @@ test-fast: setup
 archives: setup
 	deployment/archive.sh
 
-# serving.py builds an archive only if one is missing (the shipped ones are committed), starts
+# python -m serving builds an archive only if one is missing (the shipped ones are committed), starts
 # TorchServe in the background (its console output in logs/console.log, every log rotated),
 # waits until every shipped model has its workers READY and classifies the sample images; a
 # server already running, a busy port or a model that does not load is one line and exit status 2.
 serve: setup
-	$(BIN)/python serving.py start
+	$(BIN)/python -m serving start
 
 stop:
-	@$(BIN)/python serving.py stop
+	@$(BIN)/python -m serving stop
 
-# serving.py status exits 1 when nothing runs: an answer, not a failure, so make does not report an error.
+# python -m serving status exits 1 when nothing runs: an answer, not a failure, so make does not report an error.
 status:
-	@$(BIN)/python serving.py status || [ $$? -eq 1 ]
+	@$(BIN)/python -m serving status || [ $$? -eq 1 ]

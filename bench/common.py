@@ -3,8 +3,8 @@ and JSON results.
 
 Every script in bench/ prints markdown tables (pasted as-is into docs/benchmarks.md)
 and writes the same figures, plus the machine and the settings, as JSON. Latency
-statistics and the HTTP load generator are the product's (loadtest.py), the TorchServe
-runner too (serving.py), and so are the sample images and the untrained checkpoints of
+statistics and the HTTP load generator are the product's (serving/loadtest.py), the TorchServe
+runner too (serving/torchserve.py), and so are the sample images and the untrained checkpoints of
 --random_weights and --smoke runs (models); nothing comes from tests/.
 
 The scripts run from the repository root as modules (`python -m bench.inference`), so the
@@ -18,7 +18,7 @@ import time
 
 from training.hardware import cpu_info
 from models import REPO_ROOT, SAMPLE_IMAGES, shipped_models
-from serving import java_command  # noqa: F401
+from serving.torchserve import java_command  # noqa: F401
 
 SHIPPED_MODELS = tuple(shipped_models())  # what the scripts measure by default
 RESULTS_DIR = os.path.join(REPO_ROOT, "bench", "results")

@@ -36,7 +36,7 @@ if __name__ == "__main__" and not __package__:
 
 from bench.common import (FIXTURE_TEST1, SHIPPED_MODELS, default_checkpoint, default_out, describe_machine, fmt,
                           load_payloads, machine_info, markdown_table, random_checkpoint, write_json)
-from loadtest import latency_summary
+from serving.loadtest import latency_summary
 from parsers import DefaultsHelpFormatter
 
 ENGINES = ("torch", "onnx", "openvino")

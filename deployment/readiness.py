@@ -7,7 +7,7 @@ Ready means what a client needs: each model has a worker that can answer a predi
 management API's `GET /models/<name>` reports it. Not TorchServe's `/ping`, which tells only that
 the frontend is up: docs/serving.md, "Health and readiness", says what it answers when.
 
-Used by `make serve` (serving.py waits with every=True: all of a model's minWorkers READY), by the
+Used by `make serve` (serving/torchserve.py waits with every=True: all of a model's minWorkers READY), by the
 image's HEALTHCHECK and by the Kubernetes readiness probe (deployment/Dockerfile copies this file
 into the image). The management API is the address in config.properties (management_address: a
 Unix socket, `unix:/path`, or `http://host:port`); TS_MANAGEMENT_ADDRESS overrides it, as it does

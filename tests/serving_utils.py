@@ -1,6 +1,6 @@
 """Helpers for the serving tests: checkpoints, archives, test images and a real TorchServe.
 
-`TorchServe` is serving.TorchServe (the product's runner, which `make serve` uses): the
+`TorchServe` is torchserve.TorchServe (the product's runner, which `make serve` uses): the
 server started the way the README does (`torchserve --start --ncs --ts-config ...
 --model-store ... --models ...`) with a config generated from deployment/config.properties
 in a temporary directory: free 127.0.0.1 ports, its own temp dir (TorchServe keeps its pid
@@ -19,8 +19,8 @@ import zlib
 import requests
 from PIL import Image
 
-import serving
-from serving import (ARCHIVE_SH, SHIPPED_CONFIG, VENV_BIN, TorchServeError, free_port,  # noqa: F401
+from serving import torchserve
+from serving.torchserve import (ARCHIVE_SH, SHIPPED_CONFIG, VENV_BIN, TorchServeError, free_port,  # noqa: F401
                      read_properties as _read_properties)
 from tests.support import FIXTURES, REPO_ROOT, TEST1_DIR, TRAIN_DIR  # noqa: F401 (re-exported to the serving tests)
 
@@ -104,11 +104,11 @@ def eps_bytes():
 
 
 # ---- the server ------------------------------------------------------------------------------
-# The runner is product code (serving.py: `make serve` and bench/ use it too); the tests import it
+# The runner is product code (serving/torchserve.py: `make serve` and bench/ use it too); the tests import it
 # from here.
 
-class TorchServe(serving.TorchServe):
-    __doc__ = serving.TorchServe.__doc__
+class TorchServe(torchserve.TorchServe):
+    __doc__ = torchserve.TorchServe.__doc__
 
     def __init__(self, *args, **kwargs):
         # The callers written before the management API moved to a Unix socket (test_serving,

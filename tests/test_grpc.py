@@ -15,7 +15,6 @@ import pytest
 from tests.serving_utils import REPO_ROOT, TEST1_DIR, fixture_bytes
 from tests.support import non_loopback_address
 
-import serving
 
 DOC = os.path.join(REPO_ROOT, "docs", "serving.md")
 SHIPPED_STORE = os.path.join(REPO_ROOT, "deployment", "model-store")

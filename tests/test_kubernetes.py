@@ -267,8 +267,8 @@ def test_readiness_command_checks_every_registered_model_and_fails_without_a_ser
 def test_probes_against_a_real_torchserve_serving_the_shipped_archives(shipped_server):
     """The readiness command (over the management socket, as in the pod), /ping and the Prometheus
     endpoint, on the session's server: the settings the pod gets (its metrics mode is the shipped one)."""
-    import serving
-    assert container_settings()["metrics_mode"] == dict(serving.read_properties(serving.SHIPPED_CONFIG))["metrics_mode"]
+    from serving import torchserve
+    assert container_settings()["metrics_mode"] == dict(torchserve.read_properties(torchserve.SHIPPED_CONFIG))["metrics_mode"]
     models = shipped_models()
     server = shipped_server
     assert server.management_address.startswith("unix:/")

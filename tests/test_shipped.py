@@ -15,7 +15,7 @@ import zipfile
 import pytest
 
 from models import shipped_models, weights_path
-from serving import ARCHIVE_SH, MODEL_STORE, REPO_ROOT
+from serving.torchserve import ARCHIVE_SH, MODEL_STORE, REPO_ROOT
 
 SHIPPED = shipped_models()
 

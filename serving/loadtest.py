@@ -3,7 +3,7 @@
 The benchmarks (bench/serving.py) and the serving tests (tests/test_serving.py) load a
 TorchServe the same way and summarize latencies the same way, with this module:
 
-    from loadtest import run_load
+    from serving.loadtest import run_load
     row = run_load("http://127.0.0.1:8080/predictions/base_cnn", payloads, concurrency=16, n_requests=240)
     row["req_s"], row["p50_ms"], row["p99_ms"], row["errors"]
 
