@@ -32,11 +32,12 @@ latency     p50 at 1 client <= in-process ONNX Runtime single-image p50 (decode 
 
 The load generator is loadtest.run_load: Python threads with one keep-alive HTTP connection
 each, POSTing the bytes of the first --images_limit test images round-robin, a fixed number of
-requests per cell after a few untimed warm-up requests, on the same CPUs as the server, as a
-client on the same host would.
+requests per cell after a few untimed warm-up requests (none in a --smoke run, which measures
+nothing), on the same CPUs as the server, as a client on the same host would.
 """
 import argparse
 import collections
+import concurrent.futures
 import copy
 import json
 import os
@@ -56,9 +57,9 @@ import yaml
 from bench import inference
 from bench.common import (REPO_ROOT, SHIPPED_MODELS, default_out, describe_machine, fmt, load_payloads,
                           machine_info, markdown_table, write_json)
-from loadtest import run_load, send_requests
+from serving.loadtest import run_load, send_requests
 from parsers import DefaultsHelpFormatter
-from serving import ARCHIVE_SH, TorchServe, java_command
+from serving.torchserve import ARCHIVE_SH, TorchServe, java_command
 
 STOCK_HANDLER = os.path.join(REPO_ROOT, "bench", "stock_handler.py")
 
@@ -141,12 +142,22 @@ def parse_args(argv=None):
 
 # ---- build: the archives of each variant -----------------------------------------------------------
 
+def private_tmp(directory):
+    """A TMPDIR of its own for one torch-model-archiver run (under `directory`): the archiver stages the
+    files in $TMPDIR/MODEL_NAME and deletes that folder, so two runs archiving the same model at once (the
+    variants are built concurrently, see build_variants) must not share one."""
+    path = os.path.join(directory, "tmp")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 def build_archive(out_dir, conv_net, checkpoint, backend):
     """deployment/archive.sh with the shipped model config -> the path of CONV_NET.mar in `out_dir`."""
     os.makedirs(out_dir, exist_ok=True)
     cmd = ["bash", ARCHIVE_SH, "--export-path", out_dir, "--backend", backend, "%s=%s" % (conv_net, checkpoint)]
     result = subprocess.run(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            universal_newlines=True, timeout=900, env=dict(os.environ, PYTHON=sys.executable))
+                            universal_newlines=True, timeout=900,
+                            env=dict(os.environ, PYTHON=sys.executable, TMPDIR=private_tmp(out_dir)))
     if result.returncode != 0:
         raise RuntimeError("deployment/archive.sh failed (%d):\n%s" % (result.returncode, result.stdout))
     return os.path.join(out_dir, conv_net + ".mar")
@@ -164,7 +175,7 @@ def build_stock(store, name, conv_net, checkpoint, handler, work):
            "--extra-files", os.path.join(REPO_ROOT, "models", "index_to_name.json"),
            "--export-path", out]
     result = subprocess.run(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            universal_newlines=True, timeout=300)
+                            universal_newlines=True, timeout=300, env=dict(os.environ, TMPDIR=private_tmp(out)))
     if result.returncode != 0:
         raise RuntimeError("torch-model-archiver failed:\n" + result.stdout)
     return shutil.move(os.path.join(out, conv_net + ".mar"), os.path.join(store, name + ".mar"))
@@ -181,7 +192,6 @@ def grid_config(base, setting):
     config.update(minWorkers=setting.workers, maxWorkers=setting.workers, batchSize=setting.batch_size,
                   maxBatchDelay=setting.delay_ms)
     handler = dict(config.get("handler") or {})
-    handler.pop("torch_threads", None)  # the older name of `threads`: it must not override the grid's
     handler["threads"] = setting.threads
     if setting.spin:
         handler.pop("spin", None)
@@ -204,29 +214,37 @@ def with_model_config(src, dst, config):
 
 def build_variants(args, conv_net, checkpoint, store, work, grid, probe_top5):
     """Every archive of `conv_net` into `store`: {served name: (variant, model config)}, and the name of
-    the unmodified stock archive (topk=5) to probe, or None."""
+    the unmodified stock archive (topk=5) to probe, or None.
+
+    The archiver runs are independent (each in its own folders and TMPDIR) and mostly Python starting
+    and importing torch: they run at the same time, on every core, and are waited for in order."""
     variants = {}
-    shipped = shutil.move(build_archive(os.path.join(work, "onnx-" + conv_net), conv_net, checkpoint, "onnx"),
-                          os.path.join(store, conv_net + ".mar"))
-    shipped_config = read_model_config(shipped)
-    variants[conv_net] = ("shipped", shipped_config)
-    if not args.no_torch:
-        name = conv_net + "__torch"
-        shutil.move(build_archive(os.path.join(work, "torch-" + conv_net), conv_net, checkpoint, "torch"),
-                    os.path.join(store, name + ".mar"))
-        variants[name] = ("torch", shipped_config)
-    if not args.no_stock:
-        build_stock(store, conv_net + "__stock", conv_net, checkpoint, STOCK_HANDLER, work)
-        variants[conv_net + "__stock"] = ("stock", {})
+    top5 = conv_net + "__stock_top5" if probe_top5 and not args.no_stock else None
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        shipped_build = pool.submit(build_archive, os.path.join(work, "onnx-" + conv_net), conv_net, checkpoint,
+                                    "onnx")
+        torch_build = None if args.no_torch else pool.submit(
+            build_archive, os.path.join(work, "torch-" + conv_net), conv_net, checkpoint, "torch")
+        stock_build = None if args.no_stock else pool.submit(
+            build_stock, store, conv_net + "__stock", conv_net, checkpoint, STOCK_HANDLER, work)
+        top5_build = top5 and pool.submit(build_stock, store, top5, conv_net, checkpoint, "image_classifier", work)
+        shipped = shutil.move(shipped_build.result(), os.path.join(store, conv_net + ".mar"))
+        shipped_config = read_model_config(shipped)
+        variants[conv_net] = ("shipped", shipped_config)
+        if torch_build:
+            name = conv_net + "__torch"
+            shutil.move(torch_build.result(), os.path.join(store, name + ".mar"))
+            variants[name] = ("torch", shipped_config)
+        if stock_build:
+            stock_build.result()
+            variants[conv_net + "__stock"] = ("stock", {})
+        if top5_build:
+            top5_build.result()
     for setting in grid:
         config = grid_config(shipped_config, setting)
         served_as = "%s__%s" % (conv_net, setting.name.replace("-", "_"))
         with_model_config(shipped, os.path.join(store, served_as + ".mar"), config)
         variants[served_as] = (setting.name, config)
-    top5 = None
-    if probe_top5 and not args.no_stock:
-        top5 = conv_net + "__stock_top5"
-        build_stock(store, top5, conv_net, checkpoint, "image_classifier", work)
     return variants, top5
 
 
@@ -281,7 +299,7 @@ def settings_text(config):
     if not config:
         return "TorchServe defaults: 1 x torch default, 1, -"
     handler = config.get("handler") or {}
-    threads = handler.get("threads", handler.get("torch_threads")) or "default"
+    threads = handler.get("threads") or "default"
     return "%s x %s%s, %s, %s ms" % (config.get("minWorkers", 1), threads,
                                      "" if handler.get("spin", True) else " (no spin)", config.get("batchSize", 1),
                                      config.get("maxBatchDelay", 100))
@@ -291,6 +309,7 @@ def measure_group(args, conv_net, store, names, variants, top5, payloads, workdi
     """Start one server holding `names` (and the stock topk=5 archive, when given), measure each
     variant alone at every concurrency, stop it. Returns (rows, extra)."""
     requests_for = dict(zip(args.concurrency, args.requests + [args.requests[-1]] * len(args.concurrency)))
+    warmup = 0 if args.smoke else None  # None: run_load's few untimed requests; a smoke run measures nothing
     models = {name: name + ".mar" for name in names + ([top5] if top5 else [])}
     rows, extra = [], {}
     print("starting TorchServe with %s ..." % ", ".join(sorted(models)), file=sys.stderr)
@@ -303,7 +322,7 @@ def measure_group(args, conv_net, store, names, variants, top5, payloads, workdi
             for concurrency in args.concurrency:
                 print("  %s %s, %d clients ..." % (conv_net, variant, concurrency), file=sys.stderr)
                 row = run_load(ts.predict_url(name), payloads, concurrency, requests_for[concurrency],
-                               args.max_seconds)
+                               args.max_seconds, warmup=warmup)
                 row.update({"conv_net": conv_net, "variant": variant, "served_as": name,
                             "settings": settings_text(config), "model_config": config})
                 rows.append(row)

@@ -115,7 +115,7 @@ def bench_model(conv_net, samples, args, total_images):
     from dataset import DecodedImages, decode_images
     from models import MODELS, build_model
     from models.transforms import train_augment
-    from hardware import pick_precision
+    from training.hardware import pick_precision
     from train import TrainConfig, prepare_batch
 
     defaults = TrainConfig()

@@ -1,6 +1,8 @@
-"""The benchmark scripts' own smoke runs: they start, print their tables and write JSON of the
-right shape; and the load generator and statistics they share with the serving tests
-(loadtest.py). No timing is asserted anywhere (a smoke run measures nothing)."""
+"""The benchmark scripts' own smoke runs, as a user runs them (python -m bench.SCRIPT --smoke): they start, print
+their tables and write JSON of the right shape; and the load generator and statistics they share with the
+serving tests (serving/loadtest.py). No timing is asserted anywhere (a smoke run measures nothing). The
+benchmarks' own logic (the grid, the selection rule) is tested beside it, in bench/test_logic.py: tests/
+imports the product, not bench/."""
 import http.server
 import json
 import os
@@ -10,12 +12,11 @@ import threading
 
 import pytest
 
-import loadtest
-from bench import inference, serving as bench_serving
+from serving import loadtest
 from models import MODELS
-from serving import java_command
+from serving.torchserve import java_command
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.support import REPO_ROOT as ROOT
 
 
 def run_bench(script, tmp_path, *args, timeout=900):
@@ -51,7 +52,9 @@ def tables(stdout):
 
 
 def test_train_throughput_smoke(tmp_path):
-    stdout, payload = run_bench("train_throughput", tmp_path, "--models", "base_cnn", "efficientnet_lite0")
+    # one timed step per path and model, no warm-up: the smoke run's 2 + 1 only repeat the same code
+    stdout, payload = run_bench("train_throughput", tmp_path, "--models", "base_cnn", "efficientnet_lite0",
+                                "--steps", "1", "--warmup", "0")
     assert "SMOKE RUN" in stdout
     lines = table_lines(stdout)
     assert lines[0].startswith("| model ") and "naive img/s" in lines[0]
@@ -75,7 +78,7 @@ def test_inference_smoke(tmp_path):
     assert "batch 1 img/s" in batched[0] and "batch 4 img/s" in batched[0]  # --smoke caps batches at 4
     assert "batch 1 ms" in forward[0] and "vs torch at batch 4" in forward[0]
     rows = payload["results"]
-    assert [(r["conv_net"], r["engine"]) for r in rows] == [("base_cnn", e) for e in inference.ENGINES]
+    assert [(r["conv_net"], r["engine"]) for r in rows] == [("base_cnn", e) for e in ("torch", "onnx", "openvino")]
     for table in (single, batched, forward):
         assert len(table) == 2 + len(rows)  # header, rule, one row per engine
     for r in rows:
@@ -93,83 +96,7 @@ def test_inference_smoke(tmp_path):
     assert rows[0]["max_abs_diff_vs_torch"] == 0.0  # torch is the reference
 
 
-def test_inference_without_openvino_says_so(tmp_path, monkeypatch, capsys):
-    """Without the bench-only dependency the benchmark runs and its rows say "not installed"."""
-    real = inference.engine_version
-    monkeypatch.setattr(inference, "engine_version", lambda e: None if e == "openvino" else real(e))
-    out = str(tmp_path / "inference.json")
-    rows = inference.main(["--smoke", "--models", "base_cnn", "--engines", "openvino", "--out", out])
-    assert [(r["engine"], r["available"]) for r in rows] == [("torch", True), ("openvino", False)]
-    stdout = capsys.readouterr().out
-    for table in tables(stdout):
-        assert "not installed" in table[-1] and table[-1].startswith("| base_cnn | OpenVINO")
-    with open(out) as f:
-        assert json.load(f)["results"][1]["reason"] == "not installed"
-
-
 # ---- bench/serving.py ------------------------------------------------------------------------------
-
-def test_grid_covers_workers_threads_batch_and_delay():
-    names = [g.name for g in bench_serving.GRID]
-    assert len(set(names)) == len(names)
-    assert {(g.workers, g.threads) for g in bench_serving.GRID if g.spin} == {(1, 2), (2, 1)}
-    assert {(g.workers, g.threads) for g in bench_serving.GRID if not g.spin} == {(1, 2), (2, 2)}
-    assert all(g.name.endswith("-nospin") != g.spin for g in bench_serving.GRID)
-    assert {g.batch_size for g in bench_serving.GRID} == {1, 4, 8}
-    assert {g.delay_ms for g in bench_serving.GRID if g.batch_size > 1} == {1, 5}
-    assert all(g.delay_ms == 0 for g in bench_serving.GRID if g.batch_size == 1)
-
-
-def test_grid_config_sets_the_model_config_keys():
-    shipped = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 1, "responseTimeout": 30,
-               "handler": {"torch_threads": 2}}
-    setting = bench_serving.GridSetting("w2-t1-b4-d5", 2, 1, 4, 5, True)
-    config = bench_serving.grid_config(shipped, setting)
-    assert config == {"minWorkers": 2, "maxWorkers": 2, "batchSize": 4, "maxBatchDelay": 5, "responseTimeout": 30,
-                      "handler": {"threads": 1}}
-    sleeping = bench_serving.grid_config(shipped, bench_serving.GridSetting("w1-t2-b4-d1-nospin", 1, 2, 4, 1, False))
-    assert sleeping["handler"] == {"threads": 2, "spin": False}
-    assert shipped["handler"] == {"torch_threads": 2}  # the shipped config is not changed
-    assert bench_serving.settings_text(config) == "2 x 1, 4, 5 ms"
-
-
-def _row(variant, concurrency, req_s, p50_ms, conv_net="m"):
-    return {"conv_net": conv_net, "variant": variant, "concurrency": concurrency, "req_s": req_s, "p50_ms": p50_ms,
-            "settings": variant, "engine": "onnx"}
-
-
-def test_selection_rule_and_targets():
-    """Latency target first; within 5% of the most req/s, fewer workers; the ratios of the same run."""
-    inprocess = [{"conv_net": "m", "engine": "torch", "available": True, "batched_img_s": {"8": 40.0},
-                  "single_p50_ms": 30.0},
-                 {"conv_net": "m", "engine": "onnx", "available": True, "batched_img_s": {"8": 100.0},
-                  "single_p50_ms": 10.0}]
-    rows = [_row("w2-t1-b8-d1", 16, 200.0, 20.0),  # the most req/s, but 10 ms over in-process: not eligible
-            _row("w2-t1-b8-d1", 1, 50.0, 20.0),
-            _row("w2-t1-b4-d1", 16, 104.0, 12.0), _row("w2-t1-b4-d1", 1, 80.0, 12.0),
-            _row("w1-t2-b4-d1", 16, 100.0, 14.0), _row("w1-t2-b4-d1", 1, 70.0, 14.0),  # within 5%: 1 worker wins
-            _row("w1-t2-b1", 16, 90.0, 11.0), _row("w1-t2-b1", 1, 90.0, 11.0)]
-    choice = bench_serving.pick_best("m", rows, inprocess, ["w2-t1-b8-d1", "w2-t1-b4-d1", "w1-t2-b4-d1",
-                                                            "w1-t2-b1"], [1, 16])
-    assert choice["variant"] == "w1-t2-b4-d1"
-    assert choice["throughput_ratio"] == pytest.approx(100.0 / 40.0) and choice["meets_throughput"]
-    assert choice["p50_gap_ms"] == pytest.approx(4.0) and choice["meets_p50"]
-    assert choice["vs_inprocess_onnx"] == pytest.approx(1.0)
-    lines = bench_serving.target_lines([choice])
-    assert "2.50x in-process PyTorch eager at batch 8 (target >= 2.5x): met" in lines[0]
-    assert "+4.0 ms (target <= +5 ms): met" in lines[1]
-    missed = bench_serving.summarize("m", rows, inprocess, "w2-t1-b8-d1", [1, 16])
-    assert missed["meets_throughput"] and not missed["meets_p50"]
-    assert "missed by 5.0 ms" in bench_serving.target_lines([missed])[1]
-
-
-def test_engines_from_the_model_log():
-    log = ("2026-01-01T00:00:00,000 [INFO ] W-9000-base_cnn__torch_1.0-stdout MODEL_LOG - base_cnn ready: torch "
-           "engine, img_size=64 (from the weights), labels={0: 'cat', 1: 'dog'}, threads=1\n"
-           "2026-01-01T00:00:00,000 [INFO ] W-9001-base_cnn_1.0-stdout MODEL_LOG - base_cnn ready: onnx engine, "
-           "img_size=64 (from the weights), labels={0: 'cat', 1: 'dog'}, threads=1\n")
-    assert bench_serving.engines_from_log(log) == {"base_cnn__torch": "torch", "base_cnn": "onnx"}
-
 
 @pytest.mark.skipif(java_command() is None, reason="TorchServe needs Java 11+")
 def test_serving_smoke(tmp_path):
