@@ -220,7 +220,7 @@ PY
         failed+=("$name"); rm -rf "$STAGE"; STAGE=""; continue
     fi
     cp "$config" "$STAGE/model-config.yaml"
-    mkdir "$STAGE/out"
+    mkdir "$STAGE/out" "$STAGE/tmp"
 
     if [ "$BACKEND" = onnx ]; then
         model_args=(--serialized-file "$STAGE/$stem.onnx")
@@ -229,7 +229,9 @@ PY
                     --serialized-file "$checkpoint")
     fi
     echo "archiving $name ($BACKEND) from $checkpoint"
-    if "$TORCH_MODEL_ARCHIVER" --model-name "$name" --version "$VERSION" \
+    # The archiver stages its files in $TMPDIR/<model name>: a private TMPDIR, so that two runs archiving the
+    # same model at once (two checkouts, a test and a benchmark) cannot take each other's files.
+    if TMPDIR="$STAGE/tmp" "$TORCH_MODEL_ARCHIVER" --model-name "$name" --version "$VERSION" \
             "${model_args[@]}" \
             --handler "$ROOT/models/handler.py" \
             --extra-files "$ROOT/models/index_to_name.json,$STAGE/$stem.json" \
