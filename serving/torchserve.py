@@ -56,6 +56,13 @@ class TorchServeError(RuntimeError):
     """A server that cannot start or serve; the message is one line fit for a CLI error."""
 
 
+class _PortTaken(TorchServeError):
+    """The frontend could not bind a port it was given: another process took it first."""
+
+
+PORT_RETRIES = 3
+
+
 # ---- small helpers --------------------------------------------------------------------------------
 
 def free_port():
@@ -273,6 +280,17 @@ class TorchServe(object):
     # -- lifecycle --
 
     def start(self, detach=False):
+        """Start it and wait for the models in wait_for. With free_ports, a port another process took between
+        free_port() choosing it and the frontend binding it (two test sessions starting servers at once) is
+        a new start on fresh ports, up to PORT_RETRIES times."""
+        for attempt in range(1, PORT_RETRIES + 1):
+            try:
+                return self._start(detach)
+            except _PortTaken:
+                if not self.free_ports or attempt == PORT_RETRIES:
+                    raise
+
+    def _start(self, detach):
         os.makedirs(self.workdir, exist_ok=True)
         os.makedirs(self.logs, exist_ok=True)
         self._write_config()
@@ -381,8 +399,9 @@ class TorchServe(object):
         mar = self.models.get(model, model + ".mar")
         while True:
             if self.process is not None and self.process.poll() is not None:
-                raise TorchServeError("TorchServe exited during start (exit %s): %s"
-                                      % (self.process.returncode, self._console_reason()))
+                error = _PortTaken if self._console_says("Address already in use") else TorchServeError
+                raise error("TorchServe exited during start (exit %s): %s"
+                            % (self.process.returncode, self._console_reason()))
             failed = self._load_failure(model, mar)
             if failed:
                 raise TorchServeError(failed)
@@ -429,6 +448,12 @@ class TorchServe(object):
         if hit:  # without the timestamp, thread and logger name: the worker's own words
             return "%s:%d: %s" % (self._show(model_log), hit[0], hit[1].split(" - ", 1)[-1][-300:])
         return "see %s and %s" % (self._show(model_log), self._show(os.path.join(self.logs, "ts_log.log")))
+
+    def _console_says(self, text):
+        if not os.path.exists(self.out_path):
+            return False
+        with open(self.out_path, errors="replace") as f:
+            return text in f.read()
 
     def _console_reason(self):
         lines = []

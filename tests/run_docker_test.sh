@@ -36,7 +36,7 @@ export PYTHON PATH
 export RUN_DOCKER_TESTS=1
 START=$(date +%s)
 set +e
-"$PYTHON" -m pytest "${FILES[@]}" -v -s -p no:cacheprovider "$@"
+"$PYTHON" -m pytest "${FILES[@]}" -v -s -n 0 -p no:cacheprovider "$@"
 status=$?
 set -e
 echo "docker test: exit $status after $(( $(date +%s) - START ))s"
