@@ -331,7 +331,8 @@ class Handler(object):
 '''
 
 
-def test_cli_names_the_log_line_of_a_model_that_does_not_load(tmp_path):
+def broken_store(tmp_path):
+    """A model store holding broken.mar, whose handler fails to initialize: a model that never loads."""
     store = tmp_path / "store"
     store.mkdir()
     (tmp_path / "broken_handler.py").write_text(BROKEN_HANDLER)
@@ -339,6 +340,11 @@ def test_cli_names_the_log_line_of_a_model_that_does_not_load(tmp_path):
     subprocess.run([os.path.join(VENV_BIN, "torch-model-archiver"), "--model-name", "broken", "--version", "1.0",
                     "--serialized-file", str(tmp_path / "weights.pth"), "--handler", str(tmp_path / "broken_handler.py"),
                     "--export-path", str(store)], check=True)
+    return store
+
+
+def test_cli_names_the_log_line_of_a_model_that_does_not_load(tmp_path):
+    store = broken_store(tmp_path)
     config, _, sock_dir = cli_config(tmp_path)
     state = tmp_path / "state"
     state.mkdir()
@@ -358,13 +364,7 @@ def test_ping_says_healthy_while_a_model_cannot_answer_and_readiness_says_which(
     """What deployment/readiness.py says of /ping, on a real server: a model whose worker cannot load is
     retried, and meanwhile /ping answers 200 "Healthy"; the readiness check (the probe's command) says
     the model is not ready, and names it."""
-    store = tmp_path / "store"
-    store.mkdir()
-    (tmp_path / "broken_handler.py").write_text(BROKEN_HANDLER)
-    (tmp_path / "weights.pth").write_bytes(b"not used")
-    subprocess.run([os.path.join(VENV_BIN, "torch-model-archiver"), "--model-name", "broken", "--version", "1.0",
-                    "--serialized-file", str(tmp_path / "weights.pth"), "--handler", str(tmp_path / "broken_handler.py"),
-                    "--export-path", str(store)], check=True)
+    store = broken_store(tmp_path)
     with torchserve.TorchServe(str(tmp_path / "server"), str(store), {"broken": "broken.mar"}, wait_for=[]) as ts:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # registered, its worker failing and being retried
