@@ -17,6 +17,14 @@ OFFLINE_ENV = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0
                "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}
 
 
+def dockerfile_copies():
+    """The files deployment/Dockerfile COPYs from its build context, deployment/ (the archives' glob aside)."""
+    import re
+    with open(os.path.join(REPO_ROOT, "deployment", "Dockerfile")) as f:
+        lines = re.findall(r"(?m)^COPY (?:--\S+ )*(.+) \S+$", f.read())
+    return [name for line in lines for name in line.split() if "*" not in name]
+
+
 def require_command(name):
     """Fail, never skip, when a prerequisite the README lists is missing: a skip would hide that its
     commands were never checked. Returns the command's path."""

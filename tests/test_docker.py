@@ -50,6 +50,7 @@ import yaml
 
 from tests.serving_utils import REPO_ROOT, TEST1_DIR, TRAIN_DIR, TorchServe, dog_probability, free_port, \
     make_checkpoint, run_archive
+from tests.support import dockerfile_copies
 
 pytestmark = pytest.mark.skipif(os.environ.get("RUN_DOCKER_TESTS") != "1",
                                 reason="Docker end-to-end test: run tests/run_docker_test.sh "
@@ -378,13 +379,13 @@ def base_image(engine):
 
 @pytest.fixture(scope="module")
 def build_context(model_store, tmp_path_factory):
-    """deployment/ itself when the archives are deployment/model-store's; else a copy of its
-    Dockerfile, config.properties and docker-compose.yml next to a model-store/ of the test archives."""
+    """deployment/ itself when the archives are deployment/model-store's; else a copy of its Dockerfile,
+    docker-compose.yml and every file the Dockerfile copies, next to a model-store/ of the test archives."""
     store, models, is_deployment_store = model_store
     if is_deployment_store:
         return DEPLOYMENT
     ctx = str(tmp_path_factory.mktemp("context"))
-    for name in ("Dockerfile", "config.properties", "docker-compose.yml"):
+    for name in ["Dockerfile", "docker-compose.yml"] + dockerfile_copies():
         shutil.copy(os.path.join(DEPLOYMENT, name), ctx)
     os.makedirs(os.path.join(ctx, "model-store"))
     for model in models:

@@ -19,7 +19,7 @@ import requests
 import yaml
 from kubernetes_validate.utils import all_versions
 
-from tests.support import REPO_ROOT as ROOT, TEST1_DIR
+from tests.support import REPO_ROOT as ROOT, TEST1_DIR, dockerfile_copies
 
 K8S = os.path.join(ROOT, "deployment", "kubernetes")
 DEPLOYMENT_DIR = os.path.join(ROOT, "deployment")
@@ -118,6 +118,12 @@ def test_kustomization_lists_every_manifest_and_names_the_project_image():
 
 
 # ---- what the manifests say about the image --------------------------------------------------------
+
+def test_every_file_the_dockerfile_copies_is_in_its_build_context():
+    copies = dockerfile_copies()
+    assert {"config.properties", "log4j2.xml", "readiness.py"} <= set(copies)
+    assert [name for name in copies if not os.path.isfile(os.path.join(DEPLOYMENT_DIR, name))] == []
+
 
 def test_ports_match_the_image_and_only_inference_and_metrics_leave_the_pod():
     settings = container_settings()
