@@ -281,6 +281,11 @@ def test_probes_against_a_real_torchserve_serving_the_shipped_archives(shipped_s
     result = run_readiness(server.management_address)
     assert result.returncode == 0, result.stderr
     assert run_readiness(server.management_address, ["base_cnn", "nosuch"]).returncode != 0
+    # as the image's HEALTHCHECK runs it: no model named (every registered one), the address from the config
+    env = {k: v for k, v in os.environ.items() if k != "TS_MANAGEMENT_ADDRESS"}
+    healthcheck = subprocess.run([sys.executable, os.path.join(DEPLOYMENT_DIR, "readiness.py")], capture_output=True,
+                                 text=True, timeout=60, env=dict(env, TS_CONFIG_FILE=server.config_path))
+    assert healthcheck.returncode == 0, healthcheck.stderr
     assert requests.get(server.url("/ping"), timeout=10).status_code == 200
     with open(os.path.join(TEST1_DIR, "1.jpg"), "rb") as f:
         image = f.read()
