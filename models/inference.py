@@ -55,11 +55,6 @@ def default_backend():
     return "onnx" if onnx_available() else "torch"
 
 
-def onnx_path(model_path):
-    """Where the ONNX export of a checkpoint lives: beside it, same stem (Checkpoint.onnx_path)."""
-    return os.path.splitext(model_path)[0] + ".onnx"
-
-
 def onnx_metadata(session):
     return dict(session.get_modelmeta().custom_metadata_map)
 

@@ -11,7 +11,7 @@ import sys
 from deployment import readiness
 from serving import torchserve
 from serving.torchserve import (ARCHIVE_SH, LOGS, MODEL_STORE, REPO_ROOT, SERVE_CHECK_IMAGES, SHIPPED_CONFIG, STATE_DIR,
-                                TorchServe, TorchServeError, _stop_processes, _running, http_request)
+                                TorchServe, TorchServeError, _stop_processes, _running)
 
 
 # ---- the command line: make serve / make stop -------------------------------------------------------
@@ -90,7 +90,7 @@ def cmd_start(args):
     for model in args.models:
         for image in args.classify:
             with open(os.path.join(REPO_ROOT, image) if not os.path.isabs(image) else image, "rb") as f:
-                status, body = http_request(server.inference_address, "POST", "/predictions/" + model,
+                status, body = readiness.request(server.inference_address, "POST", "/predictions/" + model,
                                             body=f.read(), timeout=120)
             print("%s %s -> %s" % (model, image, body.strip() if status == 200 else "HTTP %d %s" % (status, body.strip())))
     print("TorchServe is running: inference %s, management %s (stop it with: make stop)"

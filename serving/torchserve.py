@@ -105,9 +105,6 @@ def socket_path(address):
     return address[len("unix:"):] if address.startswith("unix:") else None
 
 
-http_request = readiness.request  # (status, body text) of one request to http://host:port or unix:/path
-
-
 def _port_in_use(address):
     match = re.match(r"^https?://([^:/]+):(\d+)", address)
     if not match:
@@ -377,7 +374,7 @@ class TorchServe(object):
 
     def manage(self, method, path, timeout=10):
         """(status, body) of a management API call, over its Unix socket or HTTP."""
-        return http_request(self.management_address, method, "/" + path.lstrip("/"), timeout=timeout)
+        return readiness.request(self.management_address, method, "/" + path.lstrip("/"), timeout=timeout)
 
     def describe(self, model):
         status, body = self.manage("GET", "models/" + model)

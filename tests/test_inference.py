@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from models import CLASSES, build_model, set_serving_size, shipped_models
-from models.checkpoint import Checkpoint, save_model
-from models.inference import (ExportError, Predictor, current_onnx, default_backend, export_onnx,
-                              onnx_metadata, onnx_path)
+from models.checkpoint import Checkpoint, save_model, sidecar_path
+from models.inference import ExportError, Predictor, current_onnx, default_backend, export_onnx, onnx_metadata
 from tests.serving_utils import REPO_ROOT, TEST1_DIR, TRAIN_DIR, fixture_bytes, run_archive
 
 IMAGES = sorted(os.path.join(d, n) for d in (TEST1_DIR, TRAIN_DIR) for n in os.listdir(d))
@@ -44,7 +43,7 @@ def test_onnx_runtime_is_the_default_backend():
 
 def test_export_computes_what_torch_computes_at_any_batch_size(checkpoint):
     path, worst = export_onnx(Checkpoint("base_cnn", checkpoint))
-    assert path == onnx_path(checkpoint) and worst <= 1e-4
+    assert path == sidecar_path(checkpoint, ".onnx") and worst <= 1e-4
     onnx, reference = Predictor.open("base_cnn", checkpoint, "onnx"), Predictor.open("base_cnn", checkpoint, "torch")
     assert onnx.onnx_path == path and onnx.img_size == reference.img_size == 32
     assert (probabilities(onnx) - probabilities(reference)).abs().max() <= 1e-4  # batches of 5 and a last one of 3
@@ -70,7 +69,7 @@ def test_an_export_outside_the_limit_fails_and_writes_nothing(tmp_path):
     model_path = saved(tmp_path / "model_base_cnn.pth")
     with pytest.raises(ExportError, match="differs from torch"):
         export_onnx(Checkpoint("base_cnn", model_path), atol=-1.0)  # a limit no export meets: the comparison decides
-    assert not os.path.exists(onnx_path(model_path))
+    assert not os.path.exists(sidecar_path(model_path, ".onnx"))
     assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp")] == []
 
 
@@ -82,11 +81,11 @@ def run_cli(*args):
 def test_export_main_writes_once_and_says_when_current(tmp_path):
     model_path = saved(tmp_path / "model_base_cnn.pth")
     first = run_cli("export_main.py", "--model_path", model_path)
-    assert first.returncode == 0 and "wrote %s" % onnx_path(model_path) in first.stdout, first.stderr
-    mtime = os.stat(onnx_path(model_path)).st_mtime_ns
+    assert first.returncode == 0 and "wrote %s" % sidecar_path(model_path, ".onnx") in first.stdout, first.stderr
+    mtime = os.stat(sidecar_path(model_path, ".onnx")).st_mtime_ns
     again = run_cli("export_main.py", "--model_path", model_path)
     assert again.returncode == 0 and "is current" in again.stdout
-    assert os.stat(onnx_path(model_path)).st_mtime_ns == mtime
+    assert os.stat(sidecar_path(model_path, ".onnx")).st_mtime_ns == mtime
     missing = run_cli("export_main.py", "--model_path", str(tmp_path / "nope.pth"))
     assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0 and "no checkpoint" in missing.stderr
 
@@ -146,7 +145,7 @@ def test_handler_serves_an_onnx_model_like_the_torch_one(checkpoint, tmp_path):
     export_onnx(Checkpoint("base_cnn", checkpoint))
     model_dir = tmp_path / "unpacked"
     model_dir.mkdir()
-    for path in (onnx_path(checkpoint), os.path.splitext(checkpoint)[0] + ".json",
+    for path in (sidecar_path(checkpoint, ".onnx"), os.path.splitext(checkpoint)[0] + ".json",
                  os.path.join(REPO_ROOT, "models", "index_to_name.json")):
         shutil.copy(path, str(model_dir))
     manifest = {"model": {"modelName": "base_cnn", "serializedFile": "model_base_cnn.onnx", "handler": "handler.py",
@@ -171,7 +170,7 @@ def test_an_onnx_model_without_onnx_runtime_says_what_to_install(checkpoint):
     code = ("import sys; sys.modules['onnxruntime'] = None\n"
             "from models.handler import onnx_session\n"
             "try:\n    onnx_session(sys.argv[1])\nexcept RuntimeError as exc:\n    print(exc)\n")
-    result = subprocess.run([sys.executable, "-c", code, onnx_path(checkpoint)], cwd=REPO_ROOT,
+    result = subprocess.run([sys.executable, "-c", code, sidecar_path(checkpoint, ".onnx")], cwd=REPO_ROOT,
                             stdout=subprocess.PIPE, universal_newlines=True, timeout=120)
     assert "pip install onnxruntime" in result.stdout and "--backend torch" in result.stdout
 
@@ -186,7 +185,7 @@ def test_shipped_export_is_current_and_agrees_with_torch(conv_net):
     assert current_onnx(Checkpoint(conv_net, weights)) is not None, \
         "stale or missing: python export_main.py --conv_net %s" % conv_net
     onnx, reference = Predictor.open(conv_net, weights, "onnx"), Predictor.open(conv_net, weights, "torch")
-    assert onnx.onnx_path == onnx_path(weights)
+    assert onnx.onnx_path == sidecar_path(weights, ".onnx")
     assert (probabilities(onnx) - probabilities(reference)).abs().max() <= 1e-4
 
 
@@ -213,7 +212,7 @@ def test_a_first_export_reads_loads_hashes_and_runs_the_checkpoint_once(tmp_path
     monkeypatch.setattr(inference, "onnx_session", counting("onnx_session", inference.onnx_session))
     predictor = Predictor.open("base_cnn", model_path, "onnx")
     assert calls == {"read_meta": 1, "load_checkpoint": 1, "sha256": 1, "onnx_session": 1}, calls
-    assert predictor.onnx_path == onnx_path(model_path) and os.path.isfile(predictor.onnx_path)
+    assert predictor.onnx_path == sidecar_path(model_path, ".onnx") and os.path.isfile(predictor.onnx_path)
 
 
 def test_the_serving_size_order_falls_back_to_the_serving_size_not_the_training_size(tmp_path):
