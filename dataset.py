@@ -121,12 +121,14 @@ def stratified_split(samples, validation_split, seed):
     return sorted(train), sorted(val)
 
 
-def training_samples(data_dir, validation_split, seed, dry_run=False, batch_size=None):
+def training_samples(data_dir, validation_split, seed, dry_run=False, batch_size=None, samples=None):
     """The (train, val) samples a training run with these flags uses: the seeded, stratified split of
     `data_dir`, cut down to a few batches by --dry-run. Training calls this, and so does evaluation
     with the flags a checkpoint's JSON recorded, so `evaluate_main.py --split val` scores exactly
-    the images training held out, a dry run's included."""
-    train, val = stratified_split(find_labeled_images(data_dir), validation_split, seed)
+    the images training held out, a dry run's included. samples: find_labeled_images(data_dir), when
+    the caller has listed the folder already."""
+    samples = find_labeled_images(data_dir) if samples is None else samples
+    train, val = stratified_split(samples, validation_split, seed)
     return dry_run_subset(train, val, batch_size) if dry_run else (train, val)
 
 

@@ -7,7 +7,7 @@ import math
 import os
 import sys
 
-from dataset import DataError, data_fingerprint, training_samples
+from dataset import DataError, data_fingerprint, find_labeled_images, training_samples
 from models import CLASSES
 from parsers import DEFAULT_DATA_DIR
 
@@ -81,11 +81,12 @@ def training_split(meta, split, data_dir=None):
         if data_dir is None:
             raise DataError("training's data folder %s is not here, nor is %s: pass --data_dir%s"
                             % (recorded or "(not recorded)", DEFAULT_DATA_DIR, _source(meta)))
-    warning = split_warning(meta, data_dir, picked)
+    samples = find_labeled_images(data_dir)  # listed once: for the fingerprint and for the split
+    warning = split_warning(meta, data_dir, picked, samples)
     if warning:
         print("warning: " + warning, file=sys.stderr)
     train, val = training_samples(data_dir, args["validation_split"], args["seed"], args.get("dry_run"),
-                                  args.get("batch_size"))
+                                  args.get("batch_size"), samples)
     chosen = val if split == "val" else train
     if not chosen:
         validated = (meta.get("calibration") or {}).get("carried_from")
@@ -100,7 +101,7 @@ def _source(meta):
     return " (training's images: %s)" % source if source else ""
 
 
-def split_warning(meta, data_dir, picked=True):
+def split_warning(meta, data_dir, picked=True, samples=None):
     """Why re-creating training's split from `data_dir` may not give training's images, or None when it does.
 
     The split is re-created from the file names, so it is training's own exactly when the folder holds
@@ -113,7 +114,7 @@ def split_warning(meta, data_dir, picked=True):
         return ("the checkpoint does not record which files its split was made from; re-creating it from %s "
                 "gives training's images only if that folder holds the same files as training's %s"
                 % (data_dir, (meta.get("args") or {}).get("data_dir")))
-    here = data_fingerprint(data_dir)
+    here = data_fingerprint(data_dir, samples)
     if here["sha256"] == recorded["sha256"]:
         return None
     return ("%s holds %d labeled images, not the %d the checkpoint's split was made from%s: the re-created split is "
