@@ -7,8 +7,8 @@ Ready means what a client needs: each model has a worker that can answer a predi
 management API's `GET /models/<name>` reports it. Not TorchServe's `/ping`, which tells only that
 the frontend is up: docs/serving.md, "Health and readiness", says what it answers when.
 
-Used by `make serve` (serving/torchserve.py waits with every=True: all of a model's minWorkers READY), by the
-image's HEALTHCHECK and by the Kubernetes readiness probe (deployment/Dockerfile copies this file
+Used by `make serve` (serving/torchserve.py waits, with workers(), until all of a model's minWorkers are
+READY), by the image's HEALTHCHECK and by the Kubernetes readiness probe (deployment/Dockerfile copies this file
 into the image). The management API is the address in config.properties (management_address: a
 Unix socket, `unix:/path`, or `http://host:port`); TS_MANAGEMENT_ADDRESS overrides it, as it does
 for TorchServe itself. Standard library only: it runs on the image's Python.
@@ -75,16 +75,16 @@ def registered(address, timeout=4):
     return [m["modelName"] for m in json.loads(body).get("models", [])]
 
 
-def not_ready(address, models=None, every=False, timeout=4):
-    """None when every model in `models` (None: every registered one) has a READY worker (every=True: all of
-    its minWorkers READY); else one line saying which is not. Connection errors say so too."""
+def not_ready(address, models=None, timeout=4):
+    """None when every model in `models` (None: every registered one) has a READY worker; else one line saying
+    which is not. Connection errors say so too."""
     try:
         models = list(models) if models else registered(address, timeout)
         if not models:
             return "no model is registered"
         for model in models:
             ready, minimum = workers(address, model, timeout)
-            if len(ready) < (minimum if every else 1):
+            if not ready:
                 return "%s: %d of %d workers READY" % (model, len(ready), minimum)
     except (OSError, ValueError, LookupError, IndexError, KeyError, http.client.HTTPException) as exc:
         return "%s: %s" % (address, exc)

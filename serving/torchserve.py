@@ -389,8 +389,8 @@ class TorchServe(object):
         return [w["pid"] for w in self.workers(model) if w.get("status") == "READY"]
 
     def wait_ready(self, model, exclude_pids=(), deadline=None, timeout=300):
-        """Wait until `model` has minWorkers READY workers (none of them in exclude_pids): deployment/readiness.py's
-        check with every=True, naming the log line that says why when the model will not load."""
+        """Wait until `model` has minWorkers READY workers (none of them in exclude_pids), as deployment/readiness.py's
+        workers() reports them, naming the log line that says why when the model will not load."""
         waited_from = time.monotonic()
         deadline = deadline or waited_from + timeout
         mar = self.models.get(model, model + ".mar")
