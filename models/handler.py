@@ -42,11 +42,37 @@ logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The formats phones save: AVIF through Pillow's own plugin (where this Pillow was built with it),
+# HEIC/HEIF (iPhones' default) through the pillow-heif plugin, an optional import: the stock
+# TorchServe image (Python 3.9) has no pillow-heif, nor an AVIF Pillow if its Pillow predates 11.2,
+# and where one is missing such an upload is a 415 that says what to install (HEIF_MISSING,
+# AVIF_MISSING: why it is not decoded here, None when it is). libheif applies the file's
+# rotation itself and pillow-heif then resets the EXIF orientation to 1; Pillow's AVIF plugin
+# leaves the pixels as stored and puts the rotation in the EXIF orientation. exif_transpose in
+# open_rgb turns both upright exactly once, like a JPEG.
+try:
+    import pillow_heif
+    pillow_heif.register_heif_opener()
+    HEIF_MISSING = None
+except Exception as exc:  # not installed, or its compiled part did not load: only HEIC is refused
+    HEIF_MISSING = "HEIC/HEIF images need the pillow-heif package (pip install pillow-heif)"
+    if not (isinstance(exc, ImportError) and getattr(exc, "name", None) == "pillow_heif"):
+        HEIF_MISSING += ", which failed to load here: %s" % exc
+try:
+    from PIL import AvifImagePlugin  # Pillow 11.2+; its wheels decode AVIF since 11.3
+    AVIF_MISSING = None if AvifImagePlugin.SUPPORTED else "this Pillow was built without AVIF"
+except ImportError:
+    AVIF_MISSING = "this Pillow has no AVIF plugin"
+if AVIF_MISSING:
+    AVIF_MISSING = "AVIF images need a Pillow with AVIF support (pip install -U pillow): " + AVIF_MISSING
 # The only decoders an image ever reaches: the raster formats photos and screenshots come in.
 # Pillow is told to try these alone (Image.open(..., formats=...)), so no other plugin parses
 # a byte of the input: EPS would hand it to Ghostscript, and the rarer plugins (PSD, ICNS,
-# FITS, SPIDER, ...) are attack surface no pet photo needs. Anything else is 415.
-ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# FITS, SPIDER, ...) are attack surface no pet photo needs. Anything else is 415. AVIF comes
+# before HEIF: both plugins take files of the generic "mif1" brand, and libheif here has no
+# AV1 decoder. A format whose decoder is missing is left out (Pillow fails on a name it lacks).
+ACCEPTED_FORMATS = (("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF") + (() if AVIF_MISSING else ("AVIF",))
+                    + (() if HEIF_MISSING else ("HEIF",)))
 # Pixel limits, read from the header before any pixel is decoded. A JPEG is decoded at 1/2,
 # 1/4 or 1/8 scale when the caller says what size it needs (draft mode, see open_rgb), so
 # its cost grows little with its size: 40 MP is above any phone photo (12 MP is the usual;
@@ -58,6 +84,10 @@ DRAFT_FORMATS = ("JPEG", "MPO")  # MPO: the multi-picture JPEGs some cameras wri
 # 0.5-1.2 s. 4096x4096 (16.8 MP) still takes a 12 MP phone photo (4032x3024) and 4K (8.3 MP)
 # or 5K (14.7 MP) screenshots. A photographic PNG needs 2-3 bytes per pixel, so within the
 # 10 MiB upload limit it stays under ~5 MP anyway: a bigger claim is a flat graphic or a bomb.
+# AVIF and HEIC are decoded in full too (both plugins parse only the header on open), at ~9-20
+# (AVIF) and ~35-80 (HEIC) ms per megapixel for a photo (measured, one core): the same limit.
+# It refuses the 24 MP HEIC (5712x4284) that iPhones since the 15 save by default; their 12 MP
+# setting, and a JPEG of any size up to 40 MP, pass.
 MAX_FULL_DECODE_PIXELS = 4096 * 4096
 # Draft mode keeps both sides at least DRAFT_FACTOR x the model's input side, so the final
 # resize still averages 2x2 or more source pixels per output pixel. It only ever divides by
@@ -108,8 +138,9 @@ def open_rgb(source, img_size=None):
         img = Image.open(source, formats=ACCEPTED_FORMATS)
         _check_pixels(img)
         if img_size:
-            # Only JPEG can do this (other formats ignore it): decoded at the smallest of 1/1, 1/2,
-            # 1/4, 1/8 scale whose sides stay >= the size asked for, at a fraction of the cost.
+            # A JPEG is decoded at the smallest of 1/1, 1/2, 1/4, 1/8 scale whose sides stay >= the
+            # size asked for, at a fraction of the cost; a HEIC decodes instead an embedded thumbnail
+            # that big, if it has one (rotated like the image); other formats ignore it.
             img.draft("RGB", (DRAFT_FACTOR * img_size, DRAFT_FACTOR * img_size))
         img.load()
         img = ImageOps.exif_transpose(img)
@@ -118,13 +149,40 @@ def open_rgb(source, img_size=None):
     except Image.DecompressionBombError as exc:
         raise ImageError("image too large: %s" % exc, 413, "ImageTooLarge")
     except Image.UnidentifiedImageError:
-        # No accepted decoder recognises the bytes: another format (EPS, PSD, HEIC, ...), not an
-        # image at all, or a header too damaged to tell. Saying which would mean parsing them.
-        raise ImageError("unsupported image format: the accepted formats are %s and %s (or its header is damaged)"
-                        % (", ".join(ACCEPTED_FORMATS[:-1]), ACCEPTED_FORMATS[-1]), 415, "UnsupportedImageFormat")
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError("cannot decode image: %s" % (str(exc) or type(exc).__name__))
+        # No accepted decoder recognises the bytes: another format (EPS, PSD, ...), not an image at
+        # all, or a header too damaged to tell. Saying which would mean parsing them; only a HEIC or
+        # AVIF file whose decoder is not installed here is named, from its first box.
+        raise ImageError(_missing_decoder(source) or "unsupported image format: the accepted formats are %s"
+                        " and %s (or its header is damaged)" % (", ".join(_FORMAT_NAMES[:-1]), _FORMAT_NAMES[-1]),
+                        415, "UnsupportedImageFormat")
+    except (OSError, SyntaxError, ValueError, RuntimeError) as exc:  # RuntimeError: libavif's, libheif's
+        raise ImageError("cannot decode image: %s" % (str(exc).strip() or type(exc).__name__))
     return to_rgb(img)
+
+
+_FORMAT_NAMES = tuple("HEIF/HEIC" if name == "HEIF" else name for name in ACCEPTED_FORMATS)
+# An ISO BMFF file opens with an "ftyp" box: a major brand, a version, then compatible brands.
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs")
+_AVIF_BRANDS = (b"avif", b"avis")
+
+
+def _missing_decoder(source):
+    """What to install to decode `source`, a HEIC or AVIF file this Python cannot decode; else None."""
+    try:
+        source.seek(0)  # where Image.open reads from too
+        head = source.read(64)
+    except (AttributeError, OSError, ValueError):
+        return None
+    if len(head) < 12 or head[4:8] != b"ftyp":
+        return None
+    end = min(len(head), int.from_bytes(head[:4], "big"))
+    brands = [head[8:12]] + [head[i:i + 4] for i in range(16, end - 3, 4)]  # the major brand first
+    for brand in brands:
+        if brand in _AVIF_BRANDS:
+            return AVIF_MISSING
+        if brand in _HEIF_BRANDS:
+            return HEIF_MISSING
+    return None
 
 
 def _check_pixels(img):

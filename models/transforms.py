@@ -22,7 +22,7 @@ __all__ = ["ACCEPTED_FORMATS", "ENGINES", "IMAGENET_MEAN", "IMAGENET_STD", "MAX_
            "decode_file"]
 
 # What a folder's image files are called: the project lists folders by name (datasets, export check images).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif")
 
 
 def is_image_file(name):

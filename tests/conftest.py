@@ -51,7 +51,7 @@ def eps_plugin_calls(monkeypatch):
 # The fast tier (`make test-fast`, pytest -m "not slow"): the files whose tests run in this process, with no
 # server, training subprocess or torchrun, for iterating in well under a minute. Every other test is marked slow.
 FAST_FILES = frozenset({"test_calibration.py", "test_dataset.py", "test_evaluate.py", "test_handler.py",
-                        "test_kubernetes.py"})
+                        "test_kubernetes.py", "test_phone_formats.py"})
 
 
 def pytest_collection_modifyitems(items):
