@@ -1,8 +1,8 @@
-"""Dogs-vs-Cats images on disk -> labeled, split, decoded-once tensors.
+"""Labeled images on disk -> classes, labeled, split, decoded-once tensors.
 
-Two layouts are detected automatically:
-  flat (Kaggle):  root/cat.0.jpg, root/dog.12.jpg      the label is the file-name prefix
-  ImageFolder:    root/cat/xxx.jpg, root/dog/yyy.jpg   the label is the sub-folder
+Two layouts are detected automatically; the classes come from the data (find_labeled_images):
+  ImageFolder:    root/apple/x.jpg, root/banana/y.png ...   the class is the sub-folder (any names, 2 or more)
+  flat (Kaggle):  root/cat.0.jpg, root/dog.12.jpg           the class is the file name's first part
 
 Training decodes every JPEG once, resized to the training size, into one uint8
 tensor; epochs then only crop/flip in memory. On a 2-core CPU, JPEG decoding
@@ -10,6 +10,7 @@ would otherwise cost as much as the model's forward pass.
 """
 import os
 import random
+import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,8 +18,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from models import CLASSES
-from models.transforms import decode_file, is_image_file, resize, to_uint8_tensor
+from models.transforms import IMAGE_EXTENSIONS, decode_file, is_image_file, resize, to_uint8_tensor
 
 
 class DataError(ValueError):
@@ -39,41 +39,110 @@ def _image_files(folder):
     return sorted(filter(wanted, os.listdir(folder)))
 
 
-def detect_layout(root, classes=CLASSES):
-    """'folders' when root has a sub-folder per class, else 'flat'."""
+# What a class may be called: a label that travels unchanged through a CSV header, the ONNX export's
+# metadata (comma-separated), index_to_name.json and a JSON answer. Letters (any script), digits, and
+# " ", "_", "-", "+", "." inside; at most 100 characters.
+_LABEL = re.compile(r"[^\W_](?:[\w .+-]{0,98}[\w+.-])?\Z")
+# Folders that are never classes: editors', notebooks' and archivers' own (.ipynb_checkpoints, __MACOSX).
+_NOT_CLASSES = ("__MACOSX",)
+
+
+def check_label(name, where):
+    """Refuse a class name that is not a valid label (see _LABEL), naming `where` it came from."""
+    if not _LABEL.match(name):
+        raise DataError("%r in %s is not a valid class name: use letters, digits and ' _-+.' (not first or last), "
+                        "at most 100 characters" % (name, where))
+    return name
+
+
+def _class_folders(root):
+    """The sub-folders of `root` that are classes: not hidden, not an archiver's, not named like an image (a
+    folder x.jpg, or a link to one, is a misplaced file, which _image_files names, not a class)."""
+    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
+                  and not d.startswith(".") and d not in _NOT_CLASSES and not is_image_file(d))
+
+
+def _flat_label(name):
+    """The class of a flat-layout file: Kaggle names them CLASS.N.jpg; None for a file not named so."""
+    parts = name.split(".")
+    return parts[0].lower() if len(parts) >= 3 and parts[0] else None
+
+
+def detect_layout(root):
+    """'folders' when root has sub-folders (one per class, as torchvision's ImageFolder), else 'flat'."""
     if not os.path.isdir(root):
         raise DataError("data folder not found: %s" % root)
-    subdirs = [c for c in classes if os.path.isdir(os.path.join(root, c))]
-    return "folders" if subdirs else "flat"
+    return "folders" if _class_folders(root) else "flat"
 
 
-def find_labeled_images(root, classes=CLASSES):
-    """[(path, label index)] for every image of `root`, in either layout, sorted by path.
+def find_labeled_images(root):
+    """(classes, samples) of `root`: the class names, sorted, and [(path, index into classes)] for every
+    image, sorted by path. The classes come from the data, as in torchvision's ImageFolder:
 
-    Raises DataError for a missing or empty folder or a class with no images.
-    """
-    layout = detect_layout(root, classes)
+      folders (ImageFolder): one sub-folder per class, any names, e.g. root/apple/x.jpg, root/cherry/y.png;
+      flat (Kaggle):         root/cat.0.jpg, root/dog.12.jpg: the class is the name's first part.
+
+    Raises DataError, one line saying what to fix, for: a missing or empty folder, fewer than two classes,
+    a class folder with no images, a class name that is not a valid label (check_label), images beside
+    class folders (a mixed layout)."""
+    layout = detect_layout(root)
     samples = []
     if layout == "folders":
+        classes = tuple(check_label(c, root) for c in _class_folders(root))
+        loose = _image_files(root)
+        if loose:
+            raise DataError("%s mixes class folders (%s) with %d image(s) beside them (%s, ...): put every image "
+                            "in its class's folder" % (root, ", ".join(classes[:5]), len(loose), loose[0]))
+        if len(classes) < 2:
+            raise DataError("%s has one class folder (%s): a classifier needs at least two classes, one "
+                            "sub-folder each" % (root, classes[0]))
         for label, name in enumerate(classes):
             folder = os.path.join(root, name)
-            files = _image_files(folder) if os.path.isdir(folder) else []
+            files = _image_files(folder)
             if not files:
-                raise DataError("no images of class '%s' in %s" % (name, folder))
+                raise DataError("no images of class '%s' in %s (every class folder needs images; accepted: %s)"
+                                % (name, folder, " ".join(IMAGE_EXTENSIONS)))
             samples += [(os.path.join(folder, f), label) for f in files]
-        return samples
+        return classes, samples
     files = _image_files(root)
     if not files:
-        raise DataError("no images in %s (expected cat.N.jpg / dog.N.jpg files, or cat/ and dog/ folders)" % root)
-    prefix_to_label = {name: i for i, name in enumerate(classes)}
-    for f in files:
-        label = prefix_to_label.get(f.split(".")[0].lower())
-        if label is not None:
-            samples.append((os.path.join(root, f), label))
-    for label, name in enumerate(classes):
-        if not any(lab == label for _, lab in samples):
-            raise DataError("no images of class '%s' in %s (expected files named %s.N.jpg)" % (name, root, name))
-    return samples
+        raise DataError("no images in %s (expected one sub-folder of images per class, or Kaggle's cat.N.jpg / "
+                        "dog.N.jpg files)" % root)
+    labeled = [(f, _flat_label(f)) for f in files]
+    classes = tuple(sorted({check_label(label, os.path.join(root, f)) for f, label in labeled if label}))
+    if len(classes) < 2:
+        raise DataError("%s has images of %s: a classifier needs at least two classes (one sub-folder each, or "
+                        "files named CLASS.N.jpg as Kaggle's cat.0.jpg, dog.0.jpg)"
+                        % (root, "one class (%s)" % classes[0] if classes else "no class (no file named CLASS.N.jpg)"))
+    index = {name: i for i, name in enumerate(classes)}
+    return classes, [(os.path.join(root, f), index[label]) for f, label in labeled if label]
+
+
+def class_counts(classes, samples):
+    """{class name: number of samples}, every class included."""
+    counts = dict.fromkeys(classes, 0)
+    for _, label in samples:
+        counts[classes[label]] += 1
+    return counts
+
+
+# A class with fewer images than this in the training part is named in a warning: too few to learn it.
+FEW_IMAGES = 10
+
+
+def balance_warning(classes, samples):
+    """One line naming the classes with very few images, or the imbalance when it is large; None when fine."""
+    counts = class_counts(classes, samples)
+    few = [name for name, n in counts.items() if n < FEW_IMAGES]
+    if few:
+        return ("class%s %s ha%s fewer than %d training images (%s): expect %s to be poorly recognised"
+                % ("es" if len(few) > 1 else "", ", ".join(few), "ve" if len(few) > 1 else "s", FEW_IMAGES,
+                   ", ".join("%s %d" % (c, counts[c]) for c in few), "them" if len(few) > 1 else "it"))
+    largest, smallest = max(counts.values()), min(counts.values())
+    if smallest and largest >= 5 * smallest:
+        return ("the classes are unbalanced (%s): accuracy favours the largest; per-class recall "
+                "(evaluate_main.py) tells more" % ", ".join("%s %d" % kv for kv in counts.items()))
+    return None
 
 
 def data_fingerprint(root, samples=None):
@@ -81,7 +150,7 @@ def data_fingerprint(root, samples=None):
     (relative to `root`) and labels, in order. Training records it in the meta JSON; evaluation
     compares it with a folder's own, to tell whether re-creating the split there gives the same images."""
     import hashlib
-    samples = find_labeled_images(root) if samples is None else samples
+    samples = find_labeled_images(root)[1] if samples is None else samples
     digest = hashlib.sha256()
     for path, label in samples:
         digest.update(("%s\t%d\n" % (os.path.relpath(path, root).replace(os.sep, "/"), label)).encode())
@@ -126,8 +195,8 @@ def training_samples(data_dir, validation_split, seed, dry_run=False, batch_size
     `data_dir`, cut down to a few batches by --dry-run. Training calls this, and so does evaluation
     with the flags a checkpoint's JSON recorded, so `evaluate_main.py --split val` scores exactly
     the images training held out, a dry run's included. samples: find_labeled_images(data_dir), when
-    the caller has listed the folder already."""
-    samples = find_labeled_images(data_dir) if samples is None else samples
+    the caller has listed the folder already (its samples)."""
+    samples = find_labeled_images(data_dir)[1] if samples is None else samples
     train, val = stratified_split(samples, validation_split, seed)
     return dry_run_subset(train, val, batch_size) if dry_run else (train, val)
 
@@ -138,15 +207,15 @@ DRY_RUN_BATCHES = {"train": 2, "val": 1}
 
 
 def dry_run_subset(train, val, batch_size):
-    """The few images a --dry-run uses: the first of each class in turn, so both classes are
-    seen (the first files of a sorted folder are all cats)."""
+    """The few images a --dry-run uses: the first of each class in turn, so every class is seen (the
+    first files of a sorted folder are all of one class), and at least one of each however many there are."""
     def head(samples, n):
         by_class = {}
         for sample in samples:
             by_class.setdefault(sample[1], []).append(sample)
         queues = [by_class[label] for label in sorted(by_class)]
         picked = [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
-        return sorted(picked[:n])
+        return sorted(picked[:max(n, len(queues))])
     return (head(train, DRY_RUN_BATCHES["train"] * batch_size),
             head(val, DRY_RUN_BATCHES["val"] * batch_size))
 

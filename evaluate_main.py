@@ -3,10 +3,13 @@
     python evaluate_main.py --conv_net base_cnn --data_dir data/train --json eval.json --report eval.png
     python evaluate_main.py --conv_net base_cnn --split val    # the held-out part of training's own split
 
-Prints accuracy, log loss (probabilities clipped to [1e-15, 1 - 1e-15], as Kaggle
-scores it), the confusion matrix, per-class precision and recall and the images
-the model got most confidently wrong. Inference is models.inference's, as in predict_main.py:
-the same decoding, preprocessing, engine and batching as the submission CSV.
+The images: one sub-folder per class (ImageFolder), or Kaggle's flat cat.N.jpg / dog.N.jpg; any number
+of classes, matched to the model's by name (the model may know more than the folder holds).
+Prints accuracy, log loss (probabilities clipped to [1e-15, 1 - 1e-15]: for 2 classes Kaggle's binary
+log loss on the second class's probability, dog's; for more the multi-class -mean(log p(true class))),
+the NxN confusion matrix, per-class precision and recall and the images the model got most
+confidently wrong. Inference is models.inference's, as in predict_main.py: the same decoding,
+preprocessing, engine and batching as the submission CSV.
 """
 import json
 import os
@@ -24,7 +27,7 @@ def select_samples(args, meta):
         if not args.data_dir:
             raise DataError("--data_dir is required with --split all (or use --split val to score the "
                             "images training held out)")
-        return args.data_dir, find_labeled_images(args.data_dir)
+        return (args.data_dir,) + tuple(find_labeled_images(args.data_dir))
     return training_split(meta, args.split, args.data_dir)
 
 
@@ -35,6 +38,8 @@ def _fmt(value, spec="%.4f"):
 
 
 def format_report(report):
+    """The report as text: the figures, the confusion matrix (rows: true class), per-class precision and
+    recall, the worst mistakes (p(dog) for cat/dog, as ever; else p(true), true and predicted class)."""
     classes = report["classes"]
     counts = ", ".join("%s %d" % (c, report["per_class"][c]["support"]) for c in classes)
     lines = [
@@ -72,41 +77,83 @@ def format_report(report):
         lines.append("no mistakes" if not report["mistakes"] else "%d mistakes" % report["mistakes"])
     else:
         lines.append("most confidently wrong (%d of %d mistakes)" % (len(worst), report["mistakes"]))
-        lines.append("  p(dog)  true  path")
-        for m in worst:
-            lines.append("  %.4f  %-4s  %s" % (m["p_dog"], m["true"], m["path"]))
+        if _cat_dog(classes):  # as it always was: p(dog) says both the truth's and the prediction's
+            lines.append("  p(dog)  true  path")
+            for m in worst:
+                lines.append("  %.4f  %-4s  %s" % (m["p_dog"], m["true"], m["path"]))
+        else:
+            t = max(len("true"), max(len(m["true"]) for m in worst))
+            p = max(len("predicted"), max(len(m["predicted"]) for m in worst))
+            lines.append("  p(true)  %s  %s  path" % ("true".ljust(t), "predicted".ljust(p)))
+            for m in worst:
+                lines.append("  %.4f   %s  %s  %s" % (m["p_true"], m["true"].ljust(t), m["predicted"].ljust(p),
+                                                     m["path"]))
     return "\n".join(lines)
 
 
+def _cat_dog(classes):
+    """Two classes, one of them dog: the report speaks of p(dog), as Kaggle's Dogs vs. Cats does."""
+    return len(classes) == 2 and "dog" in classes
+
+
+def _short(name, most=20):
+    return name if len(name) <= most else name[:most - 1] + "\u2026"  # a 100-character class name fits a tick
+
+
 def draw_report(report, path):
-    """Confusion matrix on the left, the worst mistakes (with their p(dog)) in a grid on the right."""
+    """The NxN confusion matrix on the left, the worst mistakes in a grid on the right.
+
+    Matrix cells hold the counts; their colour is the share of the row (the true class's recall on the
+    diagonal), so a small class reads as well as a large one. Figure, cell and font sizes follow the number
+    of classes (readable to ~20). Each mistake is titled with its true class and p(dog) for cat/dog, as ever;
+    with other classes, with its true and predicted class and the probability the model gave each.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from models.transforms import ImageError, open_rgb
 
+    classes, matrix = report["classes"], report["confusion_matrix"]
+    k, cat_dog = len(classes), _cat_dog(classes)
     worst = report["worst_mistakes"]
     cols = min(4, max(1, len(worst)))
     rows = max(1, -(-len(worst) // cols))
-    fig = plt.figure(figsize=(4.5 + 2.2 * cols, max(4.5, 2.4 * rows)))
-    grid = fig.add_gridspec(rows, cols + 2, width_ratios=[1.6, 0.2] + [1] * cols)
+    # The matrix takes ~3.7 in up to 5 classes (cat/dog's as ever), 0.4 in more a class beyond; the figure
+    # grows by as much. Tick labels, rotated beyond 3 classes or for long names, need room below and left.
+    grow = max(1.0, (0.4 * k + 1.5) / 3.7)
+    names = [_short(c) for c in classes]
+    longest = max(len(c) for c in names)
+    rotate = k > 3 or longest > 8
+    cell_pt = 3.7 * grow * 0.75 / k * 72  # about: the axes lose a quarter to the labels
+    tick_fs = min(10, max(6, cell_pt * 0.4))
+    label_in = longest * 0.6 * tick_fs / 72  # a tick label's length, inches
+    row_in = 2.4 if cat_dog else 3.0  # a third line of title: the predicted class
+    height = max(4.5, row_in * rows, 3.7 * grow + (label_in * 0.75 if rotate else 0.3) + 1.2)
+    fig = plt.figure(figsize=(4.5 + 2.2 * cols + 3.7 * (grow - 1) + max(0.0, label_in - 0.5), height))
+    grid = fig.add_gridspec(rows, cols + 2, width_ratios=[1.6 * grow, 0.2] + [1] * cols)
 
-    classes, matrix = report["classes"], report["confusion_matrix"]
-    ax = fig.add_subplot(grid[:, 0] if rows < 3 else grid[max(0, rows // 2 - 1):rows // 2 + 1, 0])
-    peak = max(max(row) for row in matrix) or 1
-    ax.imshow(matrix, cmap="Blues", vmin=0, vmax=peak)  # from 0, so the text colour below matches the cell
+    ax = fig.add_subplot(grid[:, 0] if rows < 3 or grow > 1 else grid[max(0, rows // 2 - 1):rows // 2 + 1, 0])
+    shares = [[count / (sum(row) or 1) for count in row] for row in matrix]
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)  # fixed range, so the text colour below matches the cell
+    widest = max(len(str(count)) for row in matrix for count in row)
+    count_fs = min(14, max(5, cell_pt * 0.3), max(5, cell_pt * 0.8 / (0.6 * widest)))
     for t, row in enumerate(matrix):
         for p, count in enumerate(row):
-            ax.text(p, t, str(count), ha="center", va="center", fontsize=14,
-                    color="white" if count > peak / 2 else "black")
-    ax.set_xticks(range(len(classes)), classes)
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix")
+            ax.text(p, t, str(count), ha="center", va="center", fontsize=count_fs,
+                    color="white" if shares[t][p] > 0.5 else "black")
+    if rotate:
+        ax.set_xticks(range(k), names, fontsize=tick_fs, rotation=45, ha="right", rotation_mode="anchor")
+    else:
+        ax.set_xticks(range(k), names, fontsize=tick_fs)
+    ax.set_yticks(range(k), names, fontsize=tick_fs)
+    ax.set(xlabel="predicted", ylabel="true")
+    ax.set_title("confusion matrix\n(colour: share of the true class)", fontsize=10)
 
     if not worst:
         ax_text = fig.add_subplot(grid[:, 2:])
         ax_text.axis("off")
-        ax_text.text(0.5, 0.5, "no mistakes", ha="center", va="center", fontsize=14)
+        ax_text.text(0.5, 0.5, "%d mistakes" % report["mistakes"] if report["mistakes"] else "no mistakes",
+                     ha="center", va="center", fontsize=14)
     for i, m in enumerate(worst):
         ax_img = fig.add_subplot(grid[i // cols, 2 + i % cols])
         ax_img.axis("off")
@@ -114,13 +161,21 @@ def draw_report(report, path):
             ax_img.imshow(open_rgb(m["path"]))
         except (ImageError, OSError, TypeError):
             pass  # the figure still names it
-        ax_img.set_title("true %s, p(dog) %.3f\n%s" % (m["true"], m["p_dog"], os.path.basename(str(m["path"]))),
-                         fontsize=9, color="firebrick")
+        name = os.path.basename(str(m["path"]))
+        if cat_dog:
+            title = "true %s, p(dog) %.3f\n%s" % (m["true"], m["p_dog"], name)
+        else:
+            title = "true %s, p %.3f\npredicted %s, p %.3f\n%s" % (
+                _short(m["true"]), m["p_true"], _short(m["predicted"]), m["p_predicted"], _short(name, 30))
+        ax_img.set_title(title, fontsize=9, color="firebrick")
     split = "" if report["split"] == "all" else " (%s split)" % report["split"]
-    fig.suptitle("%s on %s%s: %d images, accuracy %.4f, log loss %.4f\nright: the most confidently wrong, "
-                 "with their true class and probability of dog"
-                 % (report["conv_net"], report["data_dir"], split, report["images"], report["accuracy"],
-                    report["log_loss"]), fontsize=10)
+    heading = "%s on %s%s: %d images, accuracy %.4f, log loss %.4f" % (
+        report["conv_net"], report["data_dir"], split, report["images"], report["accuracy"], report["log_loss"])
+    if worst:
+        heading += "\nright: the most confidently wrong, %s" % (
+            "with their true class and probability of dog" if cat_dog else
+            "with their true and predicted class and the probability the model gave each")
+    fig.suptitle(heading, fontsize=10)
     fig.tight_layout()
     try:
         if os.path.dirname(path):
@@ -139,12 +194,12 @@ def main(argv=None):
     checkpoint = open_checkpoint(args)
     try:
         # Which images, before the model loads (and perhaps exports): a wrong folder fails at once.
-        data_dir, samples = select_samples(args, checkpoint.meta)
+        data_dir, classes, samples = select_samples(args, checkpoint.meta)
     except (DataError, CheckpointError) as exc:
         fail(str(exc))
     predictor = open_predictor(args, checkpoint)
     try:
-        metrics = score_samples(predictor, samples, args.batch_size, args.num_workers, args.worst,
+        metrics = score_samples(predictor, samples, classes, args.batch_size, args.num_workers, args.worst,
                                 desc="evaluating %s" % data_dir)
     except DataError as exc:
         fail(str(exc))

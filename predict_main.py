@@ -4,6 +4,8 @@ One image, shown with its label (or saved as a figure where there is no display)
     python predict_main.py --conv_net base_cnn --img_path data/test1/2124.jpg
 A folder, as a Kaggle submission (id = file stem, label = probability of dog):
     python predict_main.py --conv_net base_cnn --img_dir data/test1 --csv submission.csv
+A model trained on other classes writes one probability column per class instead (id,apple,banana,...);
+--topk K prints the K most probable classes of an image.
 
 The image size, classes and dropout come from the checkpoint; decoding, preprocessing and
 the engine (ONNX Runtime by default, --backend torch for PyTorch) are models.inference's,
@@ -74,36 +76,55 @@ def show_prediction(img, title, img_path, save=None):
     return save
 
 
-def predict_image(predictor, img_path, save=None):
+def top_classes(classes, probs, k=1):
+    """[(label, probability)] of the k most probable classes, best first."""
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])
+    return [(classes[i], probs[i]) for i in order[:k]]
+
+
+def predict_image(predictor, img_path, save=None, topk=1):
     try:
         img = open_rgb(img_path, predictor.img_size)
     except (ImageError, OSError) as exc:
         fail("%s: %s" % (img_path, exc))
     probs = predictor.probabilities(predictor.transform(img).unsqueeze(0))[0].tolist()
-    index = max(range(len(probs)), key=probs.__getitem__)
-    label, prob = predictor.classes[index], probs[index]
+    best = top_classes(predictor.classes, probs, topk)
+    label, prob = best[0]
     print("%s: %s (probability %.4f)" % (img_path, label, prob))
+    for rank, (other, p) in enumerate(best[1:], 2):
+        print("  %d. %s (probability %.4f)" % (rank, other, p))
     written = show_prediction(img, "%s (%.1f%%)" % (label, 100 * prob), img_path, save)
     if written:
         print("figure written to %s" % written)
     return label, prob
 
 
-# ---- a folder -> Kaggle submission ---------------------------------------------------------------
+# ---- a folder -> Kaggle submission, or one column per class ---------------------------------------
 
-def submission_rows(results, dog_index):
-    """[(id, probability of dog)] for every decoded image; id is the file stem."""
-    return [(os.path.splitext(os.path.basename(path))[0], probs[dog_index])
+KAGGLE_CLASSES = ("cat", "dog")  # a model of exactly these writes Kaggle's id,label (label: p(dog))
+
+
+def submission_rows(results, classes):
+    """[(id, probabilities)] for every decoded image; id is the file stem. The probabilities are those of
+    every class, or for Kaggle's cat/dog models that of dog alone (Kaggle's label column)."""
+    kaggle = tuple(classes) == KAGGLE_CLASSES
+    dog = list(classes).index("dog") if kaggle else None
+    return [(os.path.splitext(os.path.basename(path))[0], [probs[dog]] if kaggle else list(probs))
             for path, probs in results if probs is not None]
 
 
-def format_submission(rows):
-    """Kaggle's format: header id,label; full float precision (repr), so nothing is lost."""
+def csv_header(classes):
+    """Kaggle's id,label for the cat/dog models; id and one probability column per class otherwise."""
+    return ["id", "label"] if tuple(classes) == KAGGLE_CLASSES else ["id"] + list(classes)
+
+
+def format_submission(rows, classes=KAGGLE_CLASSES):
+    """The CSV: csv_header's columns; full float precision (repr), so nothing is lost."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["id", "label"])
-    for image_id, p_dog in rows:
-        writer.writerow([image_id, repr(float(p_dog))])
+    writer.writerow(csv_header(classes))
+    for image_id, probs in rows:
+        writer.writerow([image_id] + [repr(float(p)) for p in probs])
     return out.getvalue()
 
 
@@ -113,7 +134,7 @@ def predict_folder(predictor, img_dir, csv_path, batch_size=32, num_workers=0):
     except DataError as exc:
         fail(str(exc))
     results = predictor.predict_files(paths, batch_size, num_workers, desc="classifying %s" % img_dir)
-    rows = submission_rows(results, predictor.dog_index)
+    rows = submission_rows(results, predictor.classes)
     if not rows:
         fail("none of the %d images in %s could be decoded" % (len(paths), img_dir))
     ids = [image_id for image_id, _ in rows]
@@ -121,7 +142,7 @@ def predict_folder(predictor, img_dir, csv_path, batch_size=32, num_workers=0):
     if duplicates:
         print("warning: several files share the id(s) %s; the submission has one row per file"
               % ", ".join(duplicates[:5]), file=sys.stderr)
-    text = format_submission(rows)
+    text = format_submission(rows, predictor.classes)
     skipped = len(paths) - len(rows)
     summary = "wrote %d predictions to %s" % (len(rows), "standard output" if csv_path == "-" else csv_path)
     if skipped:
@@ -142,6 +163,8 @@ def predict_folder(predictor, img_dir, csv_path, batch_size=32, num_workers=0):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.topk != 1 and args.img_dir is not None:
+        parser.error("--topk goes with --img_path (a folder's CSV has every class's probability)")
     if args.img_dir is not None:
         if args.save:
             parser.error("--save goes with --img_path (a folder writes --csv)")
@@ -157,7 +180,7 @@ def main(argv=None):
     if args.img_dir is not None:
         predict_folder(predictor, args.img_dir, args.csv, args.batch_size, args.num_workers)
     else:
-        predict_image(predictor, args.img_path, args.save)
+        predict_image(predictor, args.img_path, args.save, args.topk)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from training import calibration
-from models.checkpoint import (CheckpointError, atomic_torch_save, atomic_write, atomic_write_text, keep_previous,
-                               load_checkpoint, one_line, read_meta, save_model, sidecar_path)
+from models.checkpoint import (CheckpointError, atomic_torch_save, atomic_write, atomic_write_text, index_to_name_path,
+                               index_to_name_text, keep_previous, load_checkpoint, one_line, read_meta, save_model,
+                               sidecar_path)
 from training.distributed import Cluster
 from models.transforms import normalize
 from parsers.train_parser import (CALIBRATION_MAY_DIFFER, RESUME_IGNORES, RESUME_MAY_CHANGE, build_parser,
@@ -75,6 +76,16 @@ def check_same_run(state, config, path):
         raise CheckpointError("%s was started with %s; resume with the flags it was started with (only %s may "
                               "change), or %s" % (path, ", ".join(changed),
                                                   ", ".join(map(option_name, RESUME_MAY_CHANGE)), RESUME_FIX))
+
+
+def check_same_classes(state, classes, path):
+    """A --resume checkpoint goes on only with the classes it was trained on: a class folder added, removed
+    or renamed since would give its outputs other meanings. A checkpoint that does not record them (saved
+    before the classes came from the data) was trained on Kaggle's cat and dog."""
+    trained = list(state.get("classes") or ("cat", "dog"))
+    if trained != list(classes):
+        raise CheckpointError("%s was trained on the classes %s, but the data folder now has %s; --resume needs the "
+                              "same classes, or %s" % (path, trained, list(classes), RESUME_FIX))
 
 
 def carried_calibration(config):
@@ -268,6 +279,8 @@ class Trainer:
         self.kept_model = self.ema.module if self.ema is not None else model
         self.train_set, self.val_set = train_set, val_set
         self.config, self.meta = config, meta
+        # The names of the model's outputs: what the meta JSON records, else what the model was built with.
+        self.classes = list(meta.get("classes") or getattr(model, "classes", None) or ())
         self.device, self.precision = device, precision
         self.start_epoch, self.best_loss, self.history = 1, None, []
         self.best_state = None  # the best epoch's weights, on every rank (only rank 0 writes them)
@@ -276,6 +289,7 @@ class Trainer:
             "resume": resume_path(config.model_path),
             "metrics": sidecar_path(config.model_path, ".metrics.jsonl"),
             "curve": sidecar_path(config.model_path, ".curve.png"),
+            "index_to_name": index_to_name_path(config.model_path),
         }
 
     def _loader(self, dataset, shuffle, epoch):
@@ -293,6 +307,7 @@ class Trainer:
         which must have been started with this run's flags (check_same_run)."""
         state = read_resume_state(self.paths["resume"]) if state is None else state
         check_same_run(state, self.config, self.paths["resume"])
+        check_same_classes(state, self.classes, self.paths["resume"])
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -310,7 +325,7 @@ class Trainer:
         state = {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "epoch": epoch, "best_loss": self.best_loss,
-            "history": self.history, "args": asdict(self.config),
+            "history": self.history, "args": asdict(self.config), "classes": self.classes,
         }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
@@ -356,7 +371,8 @@ class Trainer:
             row["saved"] = is_improvement(self.best_loss, score)
             if row["saved"]:
                 self.best_loss = score
-                self.best_state = {k: v.detach().clone() for k, v in self.kept_model.state_dict().items()}
+                self.best_state = {k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                                   for k, v in self.kept_model.state_dict().items()}
             if row["saved"] and self.cluster.is_main:  # every rank holds the same weights: rank 0 writes
                 if epoch == 1:  # a fresh run (a resumed one starts later): keep whatever was there
                     kept = keep_previous(self.paths["model"])
@@ -365,6 +381,9 @@ class Trainer:
                 save_model(self.kept_model, dict(self.meta, epoch=epoch, train_loss=row["train_loss"],
                                                  val_loss=row["val_loss"], val_acc=row["val_acc"]),
                            self.paths["model"])
+                # TorchServe's label file, for an archive made with --extra-files (deployment/archive.sh makes its own)
+                if self.classes:
+                    atomic_write_text(index_to_name_text(self.classes), self.paths["index_to_name"])
             self.history.append(row)
             if self.cluster.is_main:
                 self._save_resume_state(epoch)  # before the reports: a metrics line implies a resumable epoch

@@ -9,16 +9,17 @@ from dataclasses import asdict, fields
 import torch
 
 from training.calibration import describe as describe_calibration
-from dataset import DataError, DecodedImages, data_fingerprint, decode_images, training_samples
+from dataset import (DataError, DecodedImages, balance_warning, class_counts, data_fingerprint, decode_images,
+                     find_labeled_images, training_samples)
 from training.distributed import Cluster, setup
 from training.hardware import pick_precision
-from models import CLASSES, MODELS, PretrainedWeightsError, build_model, set_serving_size, smallest_img_size
+from models import MODELS, PretrainedWeightsError, build_model, set_serving_size, smallest_img_size
 from models.checkpoint import CheckpointError, check_writable
 from models.transforms import train_augment
 from parsers import fail, pick_device
 from parsers.train_parser import SPEC_FIELDS, build_parser
-from train import (TrainConfig, Trainer, carried_calibration, check_same_run, make_optimizer, read_resume_state,
-                   resume_path, warmup_cosine)
+from train import (TrainConfig, Trainer, carried_calibration, check_same_classes, check_same_run, make_optimizer,
+                   read_resume_state, resume_path, warmup_cosine)
 
 # The flags whose default is the model's own: those named like a field of models.ModelSpec.
 PER_MODEL_DEFAULTS = tuple(f.name for f in fields(TrainConfig) if f.name in SPEC_FIELDS)
@@ -36,10 +37,24 @@ def resolve_defaults(config):
     return config
 
 
-def load_data(config, cluster):
-    """Find, split and decode the images; every data problem surfaces here, before training."""
+def find_data(config):
+    """(classes, all labeled samples, train, val) of --data_dir, listed once: its classes come from the data
+    (dataset.find_labeled_images). A layout problem is a DataError here, before the model is built."""
+    classes, samples = find_labeled_images(config.data_dir)
     train, val = training_samples(config.data_dir, config.validation_split, config.seed, config.dry_run,
-                                  config.batch_size)
+                                  config.batch_size, samples)
+    return classes, samples, train, val
+
+
+def load_data(config, cluster, classes, train, val):
+    """Decode the images of the split; every image problem surfaces here, before training."""
+    if cluster.is_main:  # the same on every rank: said once
+        counts = class_counts(classes, train)
+        print("%s: %d classes (%s)" % (config.data_dir, len(classes),
+                                       ", ".join("%s %d" % kv for kv in counts.items())), file=sys.stderr)
+        warning = balance_warning(classes, train)
+        if warning:
+            print("warning: " + warning, file=sys.stderr)
     print("%s: %d training images at %d px, %d validation images at %d px" % (
         config.data_dir, len(train), config.img_size, len(val), config.eval_img_size), file=sys.stderr)
     workers = config.num_workers
@@ -108,16 +123,21 @@ def restart_state(config, cluster):
     return state if cluster.everywhere(state is not None) else None
 
 
-def build_trainer(config, cluster=None):
+def build_trainer(config, cluster=None, resume_state=None):
+    """The Trainer of `config`; with `resume_state` (read_resume_state's), one that goes on from it, which must
+    have been trained on the classes --data_dir holds now (checked before any image is decoded)."""
     cluster = cluster or Cluster(pick_device(config.device))
     device = cluster.device
     precision = pick_precision(config.precision, device)
     check_img_sizes(config)
+    classes, samples, train, val = find_data(config)
+    if resume_state is not None:
+        check_same_classes(resume_state, classes, resume_path(config.model_path))
     torch.manual_seed(config.seed)
-    # The model first: pretrained weights that cannot be had (VGG offline) stop the run before any decoding.
+    # The model before decoding: pretrained weights that cannot be had (VGG offline) stop the run first.
     model = build_model(config.conv_net, config.dropout, pretrained=not config.random_init,
-                        pretrained_weights=config.pretrained_weights)
-    train_set, val_set = load_data(config, cluster)
+                        pretrained_weights=config.pretrained_weights, classes=classes)
+    train_set, val_set = load_data(config, cluster, classes, train, val)
     set_serving_size(model, config.eval_img_size)
     model = model.to(device).to(memory_format=torch.channels_last)  # NHWC: ~2x faster convolutions on CPU
     model = cluster.sync_batchnorm(model)  # CUDA under torchrun only
@@ -127,7 +147,7 @@ def build_trainer(config, cluster=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, min(total // 10, steps_per_epoch)))
     # img_size is what prediction and serving feed the model; train_img_size what it trained on.
     meta = dict(conv_net=config.conv_net, img_size=config.eval_img_size, train_img_size=config.img_size,
-                classes=list(CLASSES), data=data_fingerprint(config.data_dir),
+                classes=list(classes), data=data_fingerprint(config.data_dir, samples),
                 dropout=config.dropout, precision=precision, args=asdict(config), world_size=cluster.world_size)
     print("training %s on %s (%s) for %d epochs%s" % (
         config.conv_net, device, precision, config.epochs, ", %d processes x batch %d" % (
@@ -141,7 +161,7 @@ def main(argv=None):
     cluster = setup(config.device)  # torchrun's process group; a single process otherwise
     try:
         resume_state = check_files(config) or restart_state(config, cluster)
-        trainer = build_trainer(config, cluster)
+        trainer = build_trainer(config, cluster, resume_state)
         if resume_state is not None:
             trainer.resume(resume_state)
         trainer.fit()

@@ -195,7 +195,7 @@ def render(results):
 def main(argv=None):
     args = parse_args(argv)
     from dataset import find_labeled_images
-    samples = find_labeled_images(args.data_dir)
+    _, samples = find_labeled_images(args.data_dir)
     info = machine_info()
     print("machine: %s" % describe_machine(info), file=sys.stderr)
     results = []

@@ -17,7 +17,7 @@
 # real images (probabilities within 1e-4) or the archive fails.
 #   torch-model-archiver --model-name NAME --version 1.0
 #     --serialized-file models/NAME/model_NAME.onnx --handler models/handler.py
-#     --extra-files models/index_to_name.json,<the checkpoint's meta JSON>
+#     --extra-files <the model's index_to_name.json, from its classes>,<the checkpoint's meta JSON>
 #     --config-file deployment/model-config/NAME.yaml (packed as model-config.yaml)
 #     --export-path deployment/model-store
 # --backend torch: the original README's command (model file + state_dict, PyTorch in the
@@ -189,13 +189,18 @@ import shutil
 import sys
 
 from models import MODELS
-from models.checkpoint import Checkpoint, CheckpointError
+from models.checkpoint import Checkpoint, CheckpointError, index_to_name_text
 
 name, path, staged_meta, backend = sys.argv[1:5]
 try:
     checkpoint = Checkpoint(name, path)
     meta = checkpoint.meta
     checkpoint.model  # loads the weights into the network: a file that does not fit it fails here
+    for warning in checkpoint.label_warnings:
+        print("warning: %s: labels: %s" % (name, warning), file=sys.stderr)
+    # The model's own label file: its classes, as the weights say (the handler's order, pick_labels).
+    with open(os.path.join(os.path.dirname(staged_meta), "index_to_name.json"), "w") as f:
+        f.write(index_to_name_text(checkpoint.classes))
     if backend == "onnx":
         from models.inference import current_onnx, export_onnx
         staged_onnx = os.path.splitext(staged_meta)[0] + ".onnx"
@@ -234,7 +239,7 @@ PY
     if TMPDIR="$STAGE/tmp" "$TORCH_MODEL_ARCHIVER" --model-name "$name" --version "$VERSION" \
             "${model_args[@]}" \
             --handler "$ROOT/models/handler.py" \
-            --extra-files "$ROOT/models/index_to_name.json,$STAGE/$stem.json" \
+            --extra-files "$STAGE/index_to_name.json,$STAGE/$stem.json" \
             --config-file "$STAGE/model-config.yaml" \
             --archive-format "$FORMAT" \
             --export-path "$STAGE/out"; then

@@ -26,7 +26,10 @@ SAMPLE_IMAGES = os.path.join(REPO_ROOT, "samples")
 
 with open(os.path.join(MODELS_DIR, "index_to_name.json")) as f:
     INDEX_TO_NAME = {int(k): v for k, v in json.load(f).items()}
-CLASSES = tuple(INDEX_TO_NAME[i] for i in range(len(INDEX_TO_NAME)))  # ("cat", "dog")
+# The shipped models' classes, ("cat", "dog"): Kaggle's. A model trained on other images carries its own
+# (dataset.find_labeled_images finds them, build_model stores them in the weights); this is the answer only
+# for weights that carry none and have no meta JSON saying otherwise.
+CLASSES = tuple(INDEX_TO_NAME[i] for i in range(len(INDEX_TO_NAME)))
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -83,8 +86,8 @@ def _load_backbone(model, state_dict, head_prefix):
     """Load ImageNet weights into everything but the classifier head."""
     backbone = {k: v for k, v in state_dict.items() if not k.startswith(head_prefix)}
     missing, unexpected = model.load_state_dict(backbone, strict=False)
-    # The head is new, and the img_size buffer is this project's (set by training).
-    missing = [k for k in missing if not k.startswith(head_prefix) and k != "img_size"]
+    # The head is new, and the img_size buffer and the class names are this project's (set by training).
+    missing = [k for k in missing if not k.startswith(head_prefix) and k not in ("img_size", "_extra_state")]
     if missing or unexpected:
         raise PretrainedWeightsError(
             "pretrained checkpoint does not fit: missing %s, unexpected %s" % (missing[:3], unexpected[:3]))
@@ -145,26 +148,28 @@ def shipped_models():
     return [name for name in sorted(MODELS) if os.path.isfile(os.path.join(REPO_ROOT, weights_path(name)))]
 
 
-def build_model(name, dropout=None, pretrained=False, pretrained_weights=None):
-    """Build `name` with 2 outputs; with `pretrained`, load ImageNet weights into its backbone."""
+def build_model(name, dropout=None, pretrained=False, pretrained_weights=None, classes=CLASSES):
+    """Build `name` with one output per name of `classes` (stored in its weights: see the model files); with
+    `pretrained`, load ImageNet weights into its backbone (the N-way head stays new)."""
     spec = MODELS[name]
-    model = spec.cls(dropout=spec.dropout if dropout is None else dropout)
+    model = spec.cls(num_classes=len(classes), dropout=spec.dropout if dropout is None else dropout)
+    model.classes = tuple(classes)
     if pretrained and spec.load_pretrained is not None:
         spec.load_pretrained(model, pretrained_weights)
     return model
 
 
-def save_untrained(directory, conv_net, img_size=None, seed=0):
+def save_untrained(directory, conv_net, img_size=None, seed=0, classes=CLASSES):
     """A randomly initialised `conv_net` saved as training saves a model (state_dict + meta JSON), as
     DIRECTORY/model_CONV_NET.pth: for benchmarks and tests, whose speed and plumbing do not depend on
     the weights. deployment/archive.sh and the docs never take one for a trained model."""
     from models.checkpoint import save_model
     img_size = img_size or MODELS[conv_net].img_size
     torch.manual_seed(seed)
-    model = build_model(conv_net)
+    model = build_model(conv_net, classes=classes)
     set_serving_size(model, img_size)
     path = os.path.join(directory, "model_%s.pth" % conv_net)
-    save_model(model, {"conv_net": conv_net, "img_size": img_size, "classes": list(CLASSES),
+    save_model(model, {"conv_net": conv_net, "img_size": img_size, "classes": list(classes),
                        "dropout": MODELS[conv_net].dropout}, path)
     return path
 
@@ -201,7 +206,7 @@ def accepts_img_size(model, img_size):
 
 def smallest_img_size(name):
     """The smallest square input `name` accepts (its pooling layers need a few pixels each)."""
-    model = MODELS[name].cls()
+    model = MODELS[name].cls()  # the head's width does not matter here
     fails, works = 0, 16
     while not accepts_img_size(model, works):
         fails, works = works, works * 2

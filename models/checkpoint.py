@@ -5,6 +5,7 @@ For `--model_path models/x/model_x.pth` training writes:
   model_x.json         what is needed to rebuild and feed it: conv_net, img_size, classes, ...
   model_x.resume.pt    full training state (model, optimizer, epoch, best loss, args) for --resume
   model_x.metrics.jsonl, model_x.curve.png   one line per epoch, and the learning curves
+  index_to_name.json   TorchServe's label file of the model's classes (also in the weights and model_x.json)
 Every write goes to a temporary file first and is moved into place with os.replace,
 so a kill never leaves half a file.
 """
@@ -29,6 +30,16 @@ def sidecar_path(model_path, suffix):
 
 def meta_path(model_path):
     return sidecar_path(model_path, ".json")
+
+
+def index_to_name_path(model_path):
+    """TorchServe's label file of a checkpoint: index_to_name.json in its folder (training writes it there)."""
+    return os.path.join(os.path.dirname(os.path.abspath(model_path)), "index_to_name.json")
+
+
+def index_to_name_text(classes):
+    """TorchServe's index_to_name.json of `classes`: {"0": "cat", "1": "dog"}, as models/index_to_name.json."""
+    return json.dumps({str(i): name for i, name in enumerate(classes)}) + "\n"
 
 
 def _umask():
@@ -71,7 +82,8 @@ def atomic_write_bytes(data, path):
 
 def save_model(model, meta, model_path):
     """The weights as a plain state_dict (loadable with weights_only=True) plus its meta JSON."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() if isinstance(v, torch.Tensor) else v  # _extra_state: the classes
+             for k, v in model.state_dict().items()}
     atomic_torch_save(state, model_path)
     atomic_write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", meta_path(model_path))
 
@@ -154,19 +166,31 @@ def check_writable(path, fix):
                                                                fix))
 
 
-def load_weights(model, model_path, conv_net):
-    """Load `model_path` into `model`; a checkpoint of another architecture is a CheckpointError."""
+def read_weights(model_path):
+    """The state_dict at `model_path` (load_checkpoint's), which must be a dict: else a CheckpointError."""
     state = load_checkpoint(model_path)
     if not isinstance(state, dict):
         raise CheckpointError("%s does not hold a state_dict; %s" % (model_path, WEIGHTS_FIX))
+    return state
+
+
+def weights_classes(state):
+    """The class names a state_dict carries (the model files' "_extra_state"), or None for older weights."""
+    extra = state.get("_extra_state")
+    return tuple(extra.get("classes") or ()) or None if isinstance(extra, dict) else None
+
+
+def load_weights(model, model_path, conv_net, state=None):
+    """Load `model_path` (its state_dict `state`, when read already) into `model`; a checkpoint of another
+    architecture, or of another number of classes, is a CheckpointError."""
+    state = read_weights(model_path) if state is None else state
     try:
         model.load_state_dict(state)
     except RuntimeError:
         trained_as = read_meta(model_path).get("conv_net")
         if trained_as == conv_net:  # the right name but other layers: saved by another version of the network
             raise CheckpointError("%s was trained as %s, but its weights do not fit the current %s network (saved "
-                                  "by another version of it?); train the model again" % (model_path, conv_net,
-                                                                                         conv_net)) from None
+                                  "by another version of it?); train the model again" % (model_path, conv_net, conv_net)) from None
         hint = " (it was trained as --conv_net %s)" % trained_as if trained_as else ""
         raise CheckpointError("%s is not a %s checkpoint%s; %s" % (model_path, conv_net, hint, WEIGHTS_FIX)) from None
     return model
@@ -180,13 +204,13 @@ class Checkpoint:
 
     img_size: the side the model is fed, in models.handler.pick_img_size's order (the weights, then the meta
     JSON, then the registry's serving size); classes: its output labels in models.handler.pick_labels' order
-    (the meta JSON's classes, then models.CLASSES)."""
+    (the weights, then the meta JSON, then index_to_name.json beside it, then models.CLASSES)."""
 
     def __init__(self, conv_net, path):
         if not os.path.isfile(path):
             raise CheckpointError("no checkpoint at %s (train one with train_main.py --conv_net %s, or pass "
                                   "--model_path)" % (path, conv_net))
-        self.conv_net, self.path = conv_net, path
+        self.conv_net, self.path, self.label_warnings = conv_net, path, []
         self.meta = read_meta(path)
         trained_as = self.meta.get("conv_net", conv_net)
         if trained_as != conv_net:
@@ -194,11 +218,18 @@ class Checkpoint:
                                   % (path, trained_as, conv_net, trained_as))
 
     @functools.cached_property
+    def state(self):
+        """The weights' state_dict, read once (a CheckpointError when the file is not one)."""
+        return read_weights(self.path)
+
+    @functools.cached_property
     def model(self):
         """The network with these weights, in eval mode (a CheckpointError when they do not fit it)."""
         from models import build_model
-        model = build_model(self.conv_net, dropout=self.meta.get("dropout"))
-        return load_weights(model, self.path, self.conv_net).eval()
+        model = build_model(self.conv_net, dropout=self.meta.get("dropout"), classes=self.classes)
+        model = load_weights(model, self.path, self.conv_net, self.state).eval()
+        self.__dict__.pop("state", None)  # the model holds the tensors now
+        return model
 
     @functools.cached_property
     def img_size(self):
@@ -207,12 +238,26 @@ class Checkpoint:
         return pick_img_size(None, serving_size(self.model), self.meta.get("img_size"),
                              MODELS[self.conv_net].eval_img_size)[0]
 
-    @property
+    @functools.cached_property
     def classes(self):
         from models import CLASSES
         from models.transforms import pick_labels
-        labels = pick_labels(None, self.meta.get("classes"), CLASSES)
-        return tuple(labels[i] for i in range(len(labels)))
+        names, _, self.label_warnings = pick_labels(weights_classes(self.state), self.meta.get("classes"),
+                                                    self.index_to_name or CLASSES)
+        return tuple(names)
+
+    @property
+    def index_to_name(self):
+        """The index_to_name.json training wrote beside the weights ({} when there is none)."""
+        path = index_to_name_path(self.path)
+        if not os.path.isfile(path):
+            return {}
+        try:
+            with open(path) as f:
+                mapping = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError("cannot read %s: %s" % (path, exc))
+        return mapping if isinstance(mapping, dict) else {}
 
     @functools.cached_property
     def sha256(self):

@@ -12,14 +12,17 @@ PyTorch eager on a CPU for these models; a state_dict (.pth, the original README
 runs in PyTorch. Both take the same preprocessed batch and give the same probabilities
 (checked to 1e-4 when the ONNX file is exported).
 
-The answer is the top label and its probability, e.g. `{"dog": 0.8020902276039124}`. Each
-request in a batch gets its own status: a bad image answers 4xx with a JSON error and the
-other requests of the batch are answered normally.
+The answer is the top label and its probability, e.g. `{"dog": 0.8020902276039124}`, for a
+model of any number of classes; the k best, best first, when the request's X-Top-K header or
+the model config's handler.topk asks for them. The class names travel in the weights (see
+pick_labels for the order that decides them). Each request in a batch gets its own status: a
+bad image answers 4xx with a JSON error and the other requests of the batch are answered normally.
 
 TorchServe's entry point is the module-level handle(data, context) below (TorchServe calls it
 once with data None to initialize, then once per batch); with one, a handler file may define
 several classes. It imports nothing from TorchServe and runs on the stock TorchServe image
-too (Python 3.9, torch 2.4): keep to 3.9 syntax and import nothing from the project.
+too (Python 3.9, torch 2.4): keep to 3.9 syntax and import nothing from the project. The
+pillow-heif plugin (HEIC) is optional: where it is missing, a HEIC upload is a 415 that says so.
 """
 import base64
 import binascii
@@ -294,6 +297,12 @@ def onnx_engine(session):
     return run
 
 
+def onnx_classes(session):
+    """The class names an export of this project records in its metadata (comma-separated), or None."""
+    names = session.get_modelmeta().custom_metadata_map.get("classes")
+    return names.split(",") if names else None
+
+
 def onnx_img_size(session):
     """The input side an exported model was fixed to (its height and width axes are static)."""
     side = session.get_inputs()[0].shape[-1]
@@ -342,13 +351,57 @@ def pick_img_size(model_config=None, weights=None, meta_json=None, fallback=FALL
     raise ValueError("no image size")
 
 
-def pick_labels(index_to_name=None, meta_classes=None, fallback=()):
-    """{index: label} of a model's outputs, the first of, in this order: an index_to_name.json mapping (what
-    an archive packs), the meta JSON's classes (what training recorded), the fallback. The one order: the
-    handler and prediction call this."""
-    if index_to_name:
-        return {int(k): v for k, v in index_to_name.items()}
-    return dict(enumerate(meta_classes or fallback))
+def pick_labels(weights=None, meta_classes=None, index_to_name=None, outputs=None):
+    """(names of a model's outputs in order, where they came from, warnings): the first of, in this order,
+
+      1. the weights: the class names training stored in them (a state_dict's "_extra_state", an ONNX
+         export's "classes" metadata);
+      2. the meta JSON's classes (what training recorded beside the weights);
+      3. an index_to_name.json mapping (the archive's, or the one beside a checkpoint);
+      4. the numbers "0", "1", ... of the model's `outputs`.
+
+    Training writes the three alike; they disagree when files of different models are put together, e.g.
+    a three-class model archived with the original README's command, which packs models/index_to_name.json
+    (cat, dog). The weights win, being what the model learnt: each source that names other labels, or a
+    number of labels other than the model's outputs, adds a warning, which the handler logs and its describe
+    answer lists. The one order: the handler, prediction, evaluation and export all call this."""
+    sources = []
+    for source, value in (("the weights", weights), ("the meta JSON", meta_classes),
+                          ("index_to_name.json", index_to_name)):
+        if isinstance(value, dict):  # {"0": "cat", "1": "dog"}
+            try:
+                value = [value[k] for k in sorted(value, key=int)] if value else None
+            except (TypeError, ValueError):
+                value = ["(keys that are not numbers)"]
+        if value:
+            sources.append((source, [str(v) for v in value]))
+    if not sources:
+        return [str(i) for i in range(outputs or 0)], "the output numbers", []
+    (source, names), warnings = sources[0], []
+    if outputs and len(names) != outputs:
+        warnings.append("%s names %d classes for the model's %d outputs" % (source, len(names), outputs))
+    for other, other_names in sources[1:]:
+        if other_names != names:
+            warnings.append("%s lists %s, unlike %s (%s), whose names answer" % (other, other_names, source, names))
+    return names, source, warnings
+
+
+def pick_topk(header=None, model_config=None, classes=2):
+    """How many classes an answer names: the request's X-Top-K header, else the model config's handler.topk,
+    else 1 (the original's {"dog": 0.97}); at most the number of classes. A header that is not a whole
+    number from 1 up is the caller's mistake: ImageError 400."""
+    for source, value in (("the X-Top-K header", header), ("handler.topk", model_config)):
+        if value is None or value == "":
+            continue
+        try:
+            k = int(str(value).strip())
+        except ValueError:
+            k = 0
+        if k < 1:
+            raise ImageError("%s must be a whole number of classes from 1 up, not %r" % (source, str(value)[:40]),
+                             400, "InvalidTopK")
+        return min(k, classes)
+    return 1
 
 
 def _read_json(path, what):
@@ -376,11 +429,14 @@ def _set_json(context, idx):
         pass  # contexts without request processors
 
 
-def _header(context, name):
+def _header(context, name, idx=0):
+    """Request `idx`'s header `name`, whatever case the client spelt it in; None when absent."""
     try:
-        return context.get_request_header(0, name)
+        headers = context.request_processor[idx].get_request_properties() or {}
     except (AttributeError, TypeError, IndexError, KeyError):
         return None
+    wanted = name.lower()
+    return next((v for k, v in headers.items() if str(k).lower() == wanted), None)
 
 
 def _error_body(context, idx, code, error_type, message):
@@ -424,7 +480,8 @@ class DogsVsCatsHandler(object):
 
     def __init__(self):
         self.engine, self.run, self.model = None, None, None  # self.model: the network, torch engine only
-        self.device, self.meta, self.labels = torch.device("cpu"), {}, {}
+        self.device, self.meta, self.labels, self.label_warnings = torch.device("cpu"), {}, {}, []
+        self.topk = None  # the model config's handler.topk
         self.img_size, self.min_image_side, self.transform = FALLBACK_IMG_SIZE, MIN_IMAGE_SIDE, None
         self.initialized = False
 
@@ -445,12 +502,19 @@ class DogsVsCatsHandler(object):
         serialized = manifest_model.get("serializedFile")
         stem = os.path.splitext(os.path.basename(serialized or ""))[0]
         self.meta = _read_json(os.path.join(model_dir, stem + ".json"), "meta JSON") if serialized else {}
+        index_to_name = _read_json(os.path.join(model_dir, "index_to_name.json"), "label mapping")
         if serialized and serialized.endswith(".onnx"):
             session = onnx_session(os.path.join(model_dir, serialized), threads,
                                    spin=bool(handler_config.get("spin", True)))
             self.engine, self.run, weights_size = "onnx", onnx_engine(session), onnx_img_size(session)
+            weights_classes = onnx_classes(session)
+            outputs = session.get_outputs()[0].shape[-1]
         else:
-            model = self._load_model(model_dir, manifest_model.get("modelFile"), serialized)
+            state = self._read_weights(model_dir, serialized)
+            weights_classes = ((state or {}).get("_extra_state") or {}).get("classes")
+            # The head's width: the weights' classes, else the meta JSON's or the mapping's, else the model's own.
+            outputs = len(weights_classes or self.meta.get("classes") or index_to_name or ()) or None
+            model = self._load_model(model_dir, manifest_model.get("modelFile"), state, outputs)
             buffer = getattr(model, "img_size", None)
             weights_size = int(buffer) if isinstance(buffer, torch.Tensor) else None
             self.engine, self.run, self.model = "torch", torch_engine(model, self.device), model
@@ -461,22 +525,33 @@ class DogsVsCatsHandler(object):
                            FALLBACK_IMG_SIZE)
         self.min_image_side = int(handler_config.get("min_image_side") or MIN_IMAGE_SIDE)
         self.transform = eval_transform(self.img_size)
-        self.labels = pick_labels(_read_json(os.path.join(model_dir, "index_to_name.json"), "label mapping"),
-                                  self.meta.get("classes"))
+        names, label_source, self.label_warnings = pick_labels(weights_classes, self.meta.get("classes"),
+                                                               index_to_name, outputs if isinstance(outputs, int) else None)
+        for warning in self.label_warnings:
+            logger.warning("labels: %s", warning)
+        self.labels = dict(enumerate(names))
+        self.topk = pick_topk(None, handler_config.get("topk"), len(self.labels))
         self.initialized = True
-        logger.info("%s ready: %s engine, img_size=%d (from %s), labels=%s, threads=%d",
+        logger.info("%s ready: %s engine, img_size=%d (from %s), labels=%s (from %s), threads=%d",
                     self.meta.get("conv_net") or manifest_model.get("modelName"), self.engine, self.img_size,
-                    source, self.labels, threads or torch.get_num_threads())
+                    source, names, label_source, threads or torch.get_num_threads())
 
-    def _load_model(self, model_dir, model_file, serialized):
-        """Build the model file's network and load a plain state_dict (tensors only, no pickled code)."""
+    @staticmethod
+    def _read_weights(model_dir, serialized):
+        """A plain state_dict (tensors and plain values only: weights_only, never pickled code), or None."""
+        if not serialized:
+            return None
+        return torch.load(os.path.join(model_dir, serialized), map_location="cpu", weights_only=True)
+
+    def _load_model(self, model_dir, model_file, state, outputs=None):
+        """Build the model file's network, with `outputs` outputs when known, and load the state_dict into it."""
         if not model_file or not os.path.isfile(os.path.join(model_dir, model_file)):
             raise RuntimeError("model file %s is missing from the archive" % model_file)
         module = importlib.import_module(os.path.splitext(os.path.basename(model_file))[0])
-        model = pick_model_class(module, hints=(self.meta.get("conv_net"),))()
-        if serialized:
-            state_dict = torch.load(os.path.join(model_dir, serialized), map_location="cpu", weights_only=True)
-            model.load_state_dict(state_dict)
+        cls = pick_model_class(module, hints=(self.meta.get("conv_net"),))
+        model = cls(num_classes=outputs) if outputs else cls()
+        if state is not None:
+            model.load_state_dict(state)
         return model
 
     def preprocess_one(self, row):
@@ -495,15 +570,19 @@ class DogsVsCatsHandler(object):
     def inference(self, batch):
         return self.run(batch)
 
-    def postprocess(self, logits):
-        """Logits -> one JSON answer per row: {"label": probability of the top class}."""
-        top_prob, top_idx = F.softmax(logits.float(), dim=1).max(dim=1)
-        return [json.dumps({self.labels.get(i, str(i)): p}) for i, p in zip(top_idx.tolist(), top_prob.tolist())]
+    def postprocess(self, logits, topk=None):
+        """Logits -> one JSON answer per row: {"label": probability} of its top class (the original's answer),
+        or of its k best, best first, where topk[row] says k."""
+        probs, order = F.softmax(logits.float(), dim=1).sort(dim=1, descending=True)
+        topk = topk or [1] * len(probs)
+        return [json.dumps({self.labels.get(i, str(i)): p for i, p in zip(idx[:k], prob[:k])})
+                for idx, prob, k in zip(order.tolist(), probs.tolist(), topk)]
 
     def describe(self):
         return json.dumps({"conv_net": self.meta.get("conv_net"), "engine": self.engine,
                            "img_size": self.img_size,
                            "classes": [self.labels[i] for i in sorted(self.labels)],
+                           "topk": self.topk, "label_warnings": self.label_warnings,
                            "min_image_side": self.min_image_side})
 
     def handle(self, data, context):
@@ -513,13 +592,15 @@ class DogsVsCatsHandler(object):
             return [self.describe() for _ in data]
         explain = _header(context, "explain") == "True"
 
-        responses, tensors, positions = [None] * len(data), [], []
+        responses, tensors, positions, topk = [None] * len(data), [], [], []
         for idx, row in enumerate(data):
             try:
                 if explain:
                     raise ImageError("explanations are not served by this model", 501, "NotImplemented")
+                k = pick_topk(_header(context, "X-Top-K", idx), self.topk, len(self.labels))
                 tensors.append(self.preprocess_one(row))
                 positions.append(idx)
+                topk.append(k)
             except ImageError as exc:
                 responses[idx] = _error_body(context, idx, exc.code, exc.error_type, exc.message)
             except Exception:  # a decoder bug must not take the rest of the batch down
@@ -528,7 +609,7 @@ class DogsVsCatsHandler(object):
                                              "the image could not be processed")
 
         if tensors:
-            for idx, answer in zip(positions, self.postprocess(self.inference(torch.stack(tensors)))):
+            for idx, answer in zip(positions, self.postprocess(self.inference(torch.stack(tensors)), topk)):
                 responses[idx] = answer
                 _set_status(context, idx, 200)
                 _set_json(context, idx)

@@ -196,9 +196,8 @@ class Predictor:
         if threads:
             torch.set_num_threads(threads)
         self.checkpoint, self.meta, self.classes = checkpoint, checkpoint.meta, checkpoint.classes
-        if "dog" not in self.classes:
-            raise CheckpointError("%s: its classes %s have no 'dog'" % (checkpoint.path, list(self.classes)))
-        self.dog_index = self.classes.index("dog")
+        for warning in checkpoint.label_warnings:
+            print("warning: %s: labels: %s" % (checkpoint.path, warning), file=sys.stderr)
         self.conv_net, self.model_path, self.backend, self.device = checkpoint.conv_net, checkpoint.path, backend, device
         self.img_size = checkpoint.img_size  # loads the weights: a checkpoint that does not fit conv_net fails here
         if backend == "onnx":

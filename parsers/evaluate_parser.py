@@ -6,12 +6,14 @@ from parsers.predict_parser import add_model_arguments
 
 def build_parser():
     p = OneLineErrorParser(
-        description="Score a trained model on labeled images: accuracy, log loss (as Kaggle scores it), "
-                    "confusion matrix, per-class precision and recall, and the most confidently wrong images.",
+        description="Score a trained model on labeled images of any number of classes: accuracy, log loss "
+                    "(as Kaggle scores it for 2 classes, multi-class for more), confusion matrix, per-class "
+                    "precision and recall, and the most confidently wrong images.",
         formatter_class=DefaultsHelpFormatter)
     add_model_arguments(p)
     p.add_argument("--data_dir", default=None,
-                   help="labeled images: flat Kaggle layout (cat.N.jpg, dog.N.jpg) or cat/ and dog/ sub-folders "
+                   help="labeled images: one sub-folder per class (ImageFolder), or Kaggle's flat cat.N.jpg / "
+                        "dog.N.jpg; their classes are matched to the model's by name "
                         "(with --split val/train: default the folder training used, from the checkpoint's JSON, "
                         "where it exists here, else %s)" % DEFAULT_DATA_DIR)
     p.add_argument("--split", choices=["all", "val", "train"], default="all",

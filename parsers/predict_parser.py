@@ -51,16 +51,19 @@ def open_predictor(args, checkpoint=None):
 
 def build_parser():
     p = OneLineErrorParser(
-        description="Classify images as cat or dog with a trained model: one image (prints the label and "
-                    "draws the image with it), or a whole folder (writes a Kaggle submission CSV).",
+        description="Classify images with a trained model: one image (prints the label and draws the image "
+                    "with it), or a whole folder (writes a CSV: Kaggle's submission for the cat/dog models).",
         formatter_class=DefaultsHelpFormatter)
     add_model_arguments(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--img_path", help="one image to classify and show")
     source.add_argument("--img_dir", help="a folder of images to classify (e.g. Kaggle's test1/); needs --csv")
     p.add_argument("--csv", metavar="OUT.csv",
-                   help="with --img_dir: the submission file to write, header id,label with label the "
-                        "probability of dog ('-': standard output)")
+                   help="with --img_dir: the CSV to write ('-': standard output): for the cat/dog models Kaggle's "
+                        "submission, header id,label with label the probability of dog; for other classes, id "
+                        "and one probability column per class")
+    p.add_argument("--topk", type=positive_int, default=1, metavar="K",
+                   help="with --img_path: also print the K most probable classes")
     p.add_argument("--save", metavar="FIG.png",
                    help="with --img_path: write the figure here instead of showing it (with no display and "
                         "no --save it goes to <image name>_prediction.png in the working directory)")

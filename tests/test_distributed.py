@@ -32,7 +32,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 # torchrun sets OMP_NUM_THREADS=1 itself for several processes per host, with a banner; say it here.
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)  # tests/ddp_probe.py imports the product
 TIMEOUT = 300
-FILES = ["m.curve.png", "m.json", "m.metrics.jsonl", "m.pth", "m.resume.pt"]
+FILES = ["index_to_name.json", "m.curve.png", "m.json", "m.metrics.jsonl", "m.pth", "m.resume.pt"]
 
 
 def train_flags(model_path, *extra):
@@ -95,7 +95,7 @@ def test_reported_validation_figures_are_one_process_scoring_the_saved_model(str
     assert (best["epoch"], best["val_loss"], best["val_acc"]) == (meta["epoch"], meta["val_loss"], meta["val_acc"])
 
     # train.evaluate, as single-process training validates, on the whole split at once
-    _, val = stratified_split(find_labeled_images(TRAIN_DIR), VALIDATION_SPLIT, SEED)
+    _, val = stratified_split(find_labeled_images(TRAIN_DIR)[1], VALIDATION_SPLIT, SEED)
     images, labels, _ = decode_images(val, meta["img_size"])
     model = build_model("base_cnn")
     model.load_state_dict(torch.load(model_path, weights_only=True))

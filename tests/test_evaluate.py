@@ -11,8 +11,8 @@ from tests.support import REPO_ROOT, TRAIN_DIR
 from tests.helpers_training import one_thread  # noqa: F401  (autouse: torch on one thread)
 import evaluate_main
 import train_main
-from dataset import data_fingerprint, find_labeled_images, stratified_split
-from evaluation.metrics import compute_metrics, log_loss, training_split
+from dataset import DataError, data_fingerprint, find_labeled_images, stratified_split
+from evaluation.metrics import class_mapping, compute_metrics, log_loss, training_split
 from models import CLASSES, build_model, set_serving_size
 from models.checkpoint import save_model
 
@@ -33,7 +33,7 @@ def test_metrics_of_a_known_set_of_predictions():
     labels = [DOG, DOG, CAT, CAT, DOG, CAT]
     p_dog = [0.9, 0.4, 0.2, 0.7, 1.0, 0.0]
     paths = ["a", "b", "c", "d", "e", "f"]
-    m = compute_metrics(labels, p_dog, paths=paths)
+    m = compute_metrics(labels, [[1 - p, p] for p in p_dog], CLASSES, paths=paths)
     # predicted (p > 0.5):  dog  cat  cat  dog  dog  cat  -> b and d are wrong
     assert m["images"] == 6 and m["mistakes"] == 2
     assert m["accuracy"] == pytest.approx(4 / 6)
@@ -63,12 +63,156 @@ def test_log_loss_clips_like_kaggle():
 
 
 def test_undefined_precision_is_none_and_worst_is_capped():
-    m = compute_metrics([CAT, CAT, DOG], [0.9, 0.8, 0.7], worst=1)
+    m = compute_metrics([CAT, CAT, DOG], [[0.1, 0.9], [0.2, 0.8], [0.3, 0.7]], CLASSES, worst=1)
     assert m["per_class"]["cat"]["precision"] is None  # no image predicted cat
     assert m["per_class"]["cat"]["recall"] == 0.0 and m["per_class"]["dog"]["precision"] == pytest.approx(1 / 3)
     assert m["mistakes"] == 2 and len(m["worst_mistakes"]) == 1 and m["worst_mistakes"][0]["p_dog"] == 0.9
     assert "-" in evaluate_main.format_report(dict(m, conv_net="base_cnn", model_path="m.pth", img_size=16,
                                                    data_dir="d", split="all", skipped=[]))
+
+
+# ---- any number of classes, by hand ----------------------------------------------------------------
+
+FRUIT = ("apple", "banana", "cherry")
+APPLE, BANANA, CHERRY = range(3)
+
+
+def three_class_metrics(**kwargs):
+    labels = [APPLE, APPLE, BANANA, BANANA, CHERRY, CHERRY]
+    probs = [[0.7, 0.2, 0.1],   # a: apple, right
+             [0.3, 0.6, 0.1],   # b: apple as banana, p(true) .3
+             [0.1, 0.8, 0.1],   # c: banana, right
+             [0.5, 0.4, 0.1],   # d: banana as apple, p(true) .4
+             [0.6, 0.3, 0.1],   # e: cherry as apple, p(true) .1
+             [0.2, 0.5, 0.3]]   # f: cherry as banana, p(true) .3
+    return compute_metrics(labels, probs, FRUIT, paths=list("abcdef"), **kwargs)
+
+
+def test_metrics_of_three_classes():
+    m = three_class_metrics()
+    assert m["images"] == 6 and m["mistakes"] == 4 and m["accuracy"] == pytest.approx(2 / 6)
+    assert m["classes"] == list(FRUIT)
+    #                         predicted apple, banana, cherry
+    assert m["confusion_matrix"] == [[1, 1, 0],   # true apple: a right, b as banana
+                                     [1, 1, 0],   # true banana: d as apple, c right
+                                     [1, 1, 0]]   # true cherry: e as apple, f as banana; never predicted
+    assert m["per_class"]["apple"] == dict(precision=pytest.approx(1 / 3), recall=0.5, support=2)
+    assert m["per_class"]["banana"] == dict(precision=pytest.approx(1 / 3), recall=0.5, support=2)
+    assert m["per_class"]["cherry"] == dict(precision=None, recall=0.0, support=2)  # no image predicted cherry
+    # multi-class log loss: -mean(ln p(true class)) = -(ln .7 + ln .3 + ln .8 + ln .4 + ln .1 + ln .3) / 6
+    assert m["log_loss"] == pytest.approx((0.35667494393873245 + 1.2039728043259361 + 0.2231435513142097
+                                           + 0.916290731874155 + 2.3025850929940455 + 1.2039728043259361) / 6,
+                                          rel=1e-12)
+    assert m["log_loss"] == pytest.approx(1.03443998812884, rel=1e-12)
+    # lowest probability of the true class first; b and f tie at .3 and keep the images' order
+    assert [(w["path"], w["true"], w["predicted"], w["p_true"], w["p_predicted"]) for w in m["worst_mistakes"]] == [
+        ("e", "cherry", "apple", 0.1, 0.6), ("b", "apple", "banana", 0.3, 0.6),
+        ("f", "cherry", "banana", 0.3, 0.5), ("d", "banana", "apple", 0.4, 0.5)]
+    assert all("p_dog" not in w for w in m["worst_mistakes"])  # no dog among the classes
+    assert [w["path"] for w in three_class_metrics(worst=2)["worst_mistakes"]] == ["e", "b"]
+
+
+def test_multiclass_log_loss_clips():
+    # a certain, wrong answer costs -ln(1e-15), not infinity; a certain right one -ln(1 - 1e-15), not 0
+    m = compute_metrics([APPLE, BANANA], [[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]], FRUIT)
+    assert m["log_loss"] == pytest.approx((-math.log(1e-15) - math.log(1 - 1e-15)) / 2)
+    # four classes, one image each, p(true) .25: ln 4
+    four = ("a", "b", "c", "d")
+    m = compute_metrics([0, 1, 2, 3], [[0.25] * 4] * 4, four)
+    assert m["log_loss"] == pytest.approx(math.log(4)) and m["accuracy"] == 0.25  # argmax: the first of equals
+
+
+def kaggle_binary_log_loss(labels, p_second):
+    """Kaggle's formula written out: -mean(y ln p + (1 - y) ln(1 - p)), y = 1 for the second class."""
+    total = 0.0
+    for y, p in zip(labels, p_second):
+        p = min(max(p, 1e-15), 1 - 1e-15)
+        total += y * math.log(p) + (1 - y) * math.log(1 - p)
+    return -total / len(labels)
+
+
+@pytest.mark.parametrize("classes", [CLASSES, ("no", "yes")])
+def test_two_classes_keep_kaggles_binary_log_loss_and_order(classes):
+    labels = [0, 1, 0, 1, 1, 0, 0, 1]
+    # the first two do not sum to 1 (as float32 softmax outputs need not): only the second class's p counts
+    probs = [[0.5, 0.3], [0.4, 0.45], [0.2, 0.8], [0.9, 0.1], [0.0, 1.0], [1.0, 0.0], [0.35, 0.65], [0.6, 0.4]]
+    m = compute_metrics(labels, probs, classes, paths=list("abcdefgh"))
+    p_second = [p[1] for p in probs]
+    assert m["log_loss"] == log_loss(labels, p_second, 1)  # today's function, bit for bit
+    assert m["log_loss"] == pytest.approx(kaggle_binary_log_loss(labels, p_second), rel=1e-12)
+    assert m["log_loss"] != pytest.approx(-sum(math.log(max(p[t], 1e-15)) for t, p in zip(labels, probs)) / 8)
+    # the mistakes in today's order: farthest p(second) from the truth first
+    wrong = [(path, t, p) for path, t, p in zip("abcdefgh", labels, probs) if t != (p[1] > p[0])]
+    wrong.sort(key=lambda w: -abs(w[1] - w[2][1]))
+    assert [w["path"] for w in m["worst_mistakes"]] == [path for path, _, _ in wrong] == ["d", "c", "g", "h"]
+    first = m["worst_mistakes"][0]  # d: the second class at p .1
+    assert (first["true"], first["p_true"], first["p_predicted"]) == (classes[1], 0.1, 0.9)
+    if "dog" in classes:  # cat/dog reports keep their p(dog)
+        assert list(first) == ["path", "true", "predicted", "p_dog", "p_true", "p_predicted"]
+        assert first["p_dog"] == 0.1
+    else:
+        assert "p_dog" not in first
+
+
+def test_the_data_classes_map_to_the_models_by_name():
+    assert class_mapping(("cat", "dog"), ("cat", "dog")) == [0, 1]
+    assert class_mapping(("cat", "dog"), ("dog", "cat")) == [1, 0]
+    assert class_mapping(("apple", "cherry"), FRUIT) == [APPLE, CHERRY]  # the model may know more classes
+    # a folder of apples and cherries scored by the fruit model: the figures are over the model's 3 classes
+    to_model = class_mapping(("apple", "cherry"), FRUIT)
+    m = compute_metrics([to_model[label] for label in (0, 1, 1)],
+                        [[0.8, 0.1, 0.1], [0.2, 0.3, 0.5], [0.1, 0.6, 0.3]], FRUIT)
+    assert m["confusion_matrix"] == [[1, 0, 0], [0, 0, 0], [0, 1, 1]]
+    assert m["per_class"]["banana"] == dict(precision=0.0, recall=None, support=0)
+    with pytest.raises(DataError) as error:
+        class_mapping(("apple", "durian", "fig"), FRUIT)
+    message = str(error.value)
+    assert "\n" not in message and "durian, fig" in message
+    assert str(list(FRUIT)) in message and str(["apple", "durian", "fig"]) in message
+
+
+def fruit_report(classes, worst):
+    """A report of len(classes) classes with the fixture images as its mistakes (one path that is no image)."""
+    k, images = len(classes), sorted(os.listdir(TRAIN_DIR))
+    labels, probs, paths = [], [], []
+    for i in range(20 * k):
+        t, p = i % k, (i * 7 // 3) % k
+        row = [0.2 / k] * k
+        row[p] += 0.8
+        labels.append(t), probs.append(row), paths.append(os.path.join(TRAIN_DIR, images[i % len(images)]))
+    paths[1] = "missing.jpg"
+    m = compute_metrics(labels, probs, classes, paths, worst)
+    return dict(m, conv_net="base_cnn", model_path="m.pth", img_size=32, data_dir="data/fruit", split="val",
+                skipped=[])
+
+
+def test_the_text_report_of_three_classes_names_them():
+    report = fruit_report(FRUIT, worst=4)
+    text = evaluate_main.format_report(report)
+    assert "p(dog)" not in text and "  p(true)  true    predicted  path" in text
+    assert "images     data/fruit [val split]: 60 (apple 20, banana 20, cherry 20)" in text
+    assert " " * 9 + "apple".rjust(9) + "banana".rjust(9) + "cherry".rjust(9) in text  # the matrix's header
+    lines = text.splitlines()
+    listed = lines[lines.index("  p(true)  true    predicted  path") + 1:]
+    assert [line.split() for line in listed] == [["%.4f" % w["p_true"], w["true"], w["predicted"], w["path"]]
+                                                 for w in report["worst_mistakes"]]
+    assert len(report["worst_mistakes"]) == 4 and text.count("data/fruit") == 1
+
+
+@pytest.mark.parametrize("k, worst", [(3, 12), (12, 12), (3, 0)])
+def test_the_figure_of_n_classes(tmp_path, k, worst):
+    from PIL import Image
+    classes = FRUIT if k == 3 else tuple("class_%02d" % i for i in range(k))
+    png = tmp_path / "eval.png"
+    evaluate_main.draw_report(fruit_report(classes, worst), str(png))
+    with Image.open(png) as image:
+        assert image.format == "PNG"
+        width, height = image.size
+    assert 500 <= width <= 2500 and 400 <= height <= 1500  # 90 dpi: a figure of some 6 to 28 inches
+    if k == 12:  # the matrix grows with its classes
+        evaluate_main.draw_report(fruit_report(FRUIT, worst), str(tmp_path / "small.png"))
+        with Image.open(tmp_path / "small.png") as small:
+            assert small.size[0] < width
 
 
 # ---- end to end -------------------------------------------------------------------------------
@@ -208,13 +352,13 @@ def test_validation_split_without_any_folder_is_one_line(tmp_path, trained, caps
 def test_validation_split_reproduces_trainings_accuracy(tmp_path, trained):
     path, meta = trained
     report = run_evaluate(tmp_path, "--model_path", path, "--split", "val")
-    _, val = stratified_split(find_labeled_images(TRAIN_DIR), 0.5, 3)
+    _, val = stratified_split(find_labeled_images(TRAIN_DIR)[1], 0.5, 3)
     assert report["images"] == len(val) == 12 and report["data_dir"] == TRAIN_DIR
     assert report["img_size"] == 32  # from the meta JSON, no flag
     assert report["accuracy"] == meta["val_acc"]
     assert report["log_loss"] == pytest.approx(meta["val_loss"], abs=1e-5)
     assert report["training"] == dict(epoch=1, val_acc=meta["val_acc"], val_loss=meta["val_loss"])
-    assert training_split(meta, "val")[1] == val
+    assert training_split(meta, "val")[2] == val
 
 
 def test_train_split_is_the_rest(tmp_path, trained):

@@ -132,7 +132,7 @@ def test_model_trained_at_another_size_needs_no_flag(tmp_path):
     assert predictor.img_size == 40
     image = os.path.join(TEST1_DIR, "2124.jpg")
     (_, probs), = predictor.predict_files([image])
-    assert probs[predictor.dog_index] == pytest.approx(expected_p_dog(path, 40, image), abs=1e-6)
+    assert probs[predictor.classes.index("dog")] == pytest.approx(expected_p_dog(path, 40, image), abs=1e-6)
     assert abs(sum(probs) - 1) < 1e-6
 
 

@@ -83,6 +83,7 @@ def test_what_the_readme_commands_leave_behind_is_ignored_by_git():
     archive; predictions, evaluations, runs and the server's state)."""
     written = ["models/vgg/model_vgg.pth", "models/vgg/model_vgg.json", "models/vgg/model_vgg.onnx",
                "models/vgg/model_vgg.resume.pt", "models/vgg/model_vgg.metrics.jsonl", "models/vgg/model_vgg.curve.png",
+               "models/vgg/index_to_name.json",
                "models/base_cnn/model_base_cnn.previous-20260101-000000.pth",
                "models/base_cnn/model_base_cnn.previous-20260101-000000.json",
                "deployment/model-store/base_cnn.mar.previous-20260101-000000",
@@ -91,7 +92,8 @@ def test_what_the_readme_commands_leave_behind_is_ignored_by_git():
     result = subprocess.run(["git", "check-ignore", "--no-index"] + written, cwd=REPO_ROOT, stdout=subprocess.PIPE,
                             universal_newlines=True)
     assert sorted(result.stdout.split()) == sorted(written)
-    shipped = ["models/vgg/vgg.py", "deployment/model-store/base_cnn.mar", "models/base_cnn/model_base_cnn.pth"]
+    shipped = ["models/vgg/vgg.py", "deployment/model-store/base_cnn.mar", "models/base_cnn/model_base_cnn.pth",
+               "models/base_cnn/index_to_name.json"]
     result = subprocess.run(["git", "check-ignore", "--no-index"] + shipped, cwd=REPO_ROOT, stdout=subprocess.PIPE,
                             universal_newlines=True)
     assert result.stdout == ""

@@ -12,7 +12,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from tests.support import OFFLINE_ENV, REPO_ROOT, TRAIN_DIR, assert_same_weights, run_cli, wait_for_first_epoch
+from tests.support import OFFLINE_ENV, REPO_ROOT, TRAIN_DIR, assert_same_weights, run_cli, same_entry, wait_for_first_epoch
 from tests.helpers_training import one_thread, one_thread_env  # noqa: F401  (one_thread: autouse, torch on one thread)
 from dataset import DecodedImages, decode_images, find_labeled_images
 from models import MODELS, build_model, efficientnet_lite0_imagenet_state_dict, smallest_img_size
@@ -110,7 +110,7 @@ def test_random_init_builds_vgg_without_its_pretrained_weights(tmp_path, monkeyp
     class Decoding(Exception):
         pass
 
-    def load_data(config, cluster):
+    def load_data(config, cluster, *data):
         raise Decoding
 
     def recording_build_model(*args, **kwargs):
@@ -139,7 +139,7 @@ def test_resuming_a_finished_run_only_calibrates_its_best_weights(validated_run,
     out, err = capsys.readouterr()
     assert "epoch   1" not in out and "calibrated on" in err  # nothing trained again
     state = torch.load(model_path, weights_only=True)
-    assert all(torch.equal(state[k], v) for k, v in uncalibrated.items())
+    assert all(same_entry(state[k], v) for k, v in uncalibrated.items())
     again = _meta(model_path)
     assert float(state["temperature"]) == pytest.approx(again["calibration"]["temperature"])
     assert {k: v for k, v in again.items() if k != "calibration"} == {k: v for k, v in meta.items() if k != "calibration"}
@@ -180,7 +180,7 @@ def test_a_finished_final_fit_is_resumed_to_take_its_calibration(validated_run, 
     train(*args, "--resume", "--calibration_from", validated_run.path)
     assert "epoch   1" not in capsys.readouterr().out  # nothing trained again
     state = torch.load(tmp_path / "final.pth", weights_only=True)
-    assert all(torch.equal(state[k], v) for k, v in trained.items() if k not in ("temperature", "flip_tta"))
+    assert all(same_entry(state[k], v) for k, v in trained.items() if k not in ("temperature", "flip_tta"))
     assert _meta(tmp_path / "final.pth")["calibration"]["carried_from"] == str(validated_run.path)
 
 
@@ -236,14 +236,14 @@ def test_with_ema_decay_the_average_is_validated_and_saved_and_the_last_step_rep
     saved = torch.load(model_path, weights_only=True)
     state = torch.load(tmp_path / "m.resume.pt", weights_only=False)
     average = {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
-    assert average.keys() == saved.keys() and all(torch.equal(saved[k], average[k]) for k in saved)
+    assert average.keys() == saved.keys() and all(same_entry(saved[k], average[k]) for k in saved)
     assert not torch.equal(saved["features.0.weight"], state["model"]["features.0.weight"])
     assert json.loads((tmp_path / "m.json").read_text())["args"]["ema_decay"] == 0.9
 
 
 def test_loss_falls_when_overfitting_16_images():
     torch.manual_seed(0)
-    samples = find_labeled_images(TRAIN_DIR)
+    _, samples = find_labeled_images(TRAIN_DIR)
     samples = [s for s in samples if s[1] == 0][:8] + [s for s in samples if s[1] == 1][:8]
     images, labels, _ = decode_images(samples, 32)
     loader = torch.utils.data.DataLoader(DecodedImages(images, labels), batch_size=16, shuffle=True)

@@ -46,6 +46,20 @@ class BaseCNN(nn.Module):
             nn.Linear(HIDDEN, num_classes),
         )
         self.register_buffer("img_size", torch.tensor(DEFAULT_IMG_SIZE))
+        self.classes = None
+
+    # The class names travel in the state_dict (its "_extra_state"), as img_size does: an archive of just
+    # this file and the weights answers with the names training saw. None: unknown (weights saved before).
+    def get_extra_state(self):
+        return {"classes": list(self.classes or ())}
+
+    def set_extra_state(self, state):
+        self.classes = tuple((state or {}).get("classes") or ()) or None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Weights saved before the classes travelled with them (and ImageNet's) leave the model's as they are.
+        state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x):
         return self.classifier(self.features(x))

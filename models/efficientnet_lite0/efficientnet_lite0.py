@@ -85,6 +85,15 @@ class EfficientNetLite0(nn.Module):
         self.register_buffer("temperature", torch.tensor(1.0))
         self.register_buffer("flip_tta", torch.tensor(0.0))  # 1.0: on (a float: collectives of every backend take it)
         self.use_flip_tta = False  # the buffer as a Python bool: an export traces one fixed graph
+        self.classes = None
+
+    # The class names travel in the state_dict (its "_extra_state"), as img_size does: an archive of just
+    # this file and the weights answers with the names training saw. None: unknown (weights saved before).
+    def get_extra_state(self):
+        return {"classes": list(self.classes or ())}
+
+    def set_extra_state(self, state):
+        self.classes = tuple((state or {}).get("classes") or ()) or None
 
     def set_calibration(self, temperature, flip_tta):
         self.temperature.fill_(float(temperature))
@@ -95,6 +104,7 @@ class EfficientNetLite0(nn.Module):
         # Weights saved before calibration existed (and ImageNet's) have neither buffer: uncalibrated.
         state_dict.setdefault(prefix + "temperature", torch.tensor(1.0))
         state_dict.setdefault(prefix + "flip_tta", torch.tensor(0.0))
+        state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())  # nor the classes: left as they are
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.use_flip_tta = bool(self.flip_tta)  # from what was loaded, not from what was offered
 
