@@ -4,14 +4,15 @@
 # make test-fast setup, then the in-process tests only (no server, training run or torchrun): for iterating
 # make serve     setup, build any archive missing from deployment/model-store, start TorchServe
 #                on 127.0.0.1 with the shipped models, wait until they are READY, classify two images
-# make stop      stop the TorchServe `make serve` started
+# make serve-kserve  the same with KServe's ModelServer (Open Inference Protocol v2, REST :8090, gRPC :8091)
+# make stop      stop the server `make serve` or `make serve-kserve` started
 # make archives  rebuild deployment/model-store/*.mar from the trained checkpoints
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # TorchServe starts its Python workers with the first python on PATH: the venv's.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
-.PHONY: setup test test-fast serve stop status archives
+.PHONY: setup test test-fast serve serve-kserve stop status archives
 
 setup: $(VENV)/.installed
 
@@ -37,6 +38,11 @@ archives: setup
 # server already running, a busy port or a model that does not load is one line and exit status 2.
 serve: setup
 	$(BIN)/python -m serving start
+
+# The same, with KServe's ModelServer instead of TorchServe (serving/kserve_server.py): the shipped models' ONNX
+# exports over the Open Inference Protocol v2, REST on 127.0.0.1:8090 and gRPC on 127.0.0.1:8091.
+serve-kserve: setup
+	$(BIN)/python -m serving start --server kserve
 
 stop:
 	@$(BIN)/python -m serving stop

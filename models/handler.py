@@ -416,6 +416,23 @@ def _read_json(path, what):
     return data if isinstance(data, dict) else {}
 
 
+def preprocess_image(data, img_size, transform, min_image_side=MIN_IMAGE_SIDE):
+    """An uploaded image's bytes -> the model's normalized CHW input, as every server answers it: decoded by
+    open_rgb, refused when a side is under `min_image_side`, then `transform` (eval_transform(img_size)).
+    Raises ImageError with the message, HTTP status and type an answer carries (no object reprs in them)."""
+    try:
+        img = open_rgb(data, img_size)
+    except ImageError as exc:
+        exc.message = re.sub(r"\s*<[^<>]*>", "", exc.message)
+        exc.args = (exc.message,)
+        raise
+    width, height = img.size
+    if min(width, height) < min_image_side:
+        raise ImageError("image too small: %dx%d pixels (each side must be at least %d)"
+                        % (width, height, min_image_side), 400, "ImageTooSmall")
+    return transform(img)
+
+
 def _set_status(context, idx, code):
     # The reason phrase is the standard one: the details go in the JSON body, never in the status line.
     if hasattr(context, "set_response_status"):
@@ -556,16 +573,7 @@ class DogsVsCatsHandler(object):
 
     def preprocess_one(self, row):
         """One request -> normalized CHW tensor; a bad one raises ImageError saying why."""
-        try:
-            img = open_rgb(_payload(row), self.img_size)
-        except ImageError as exc:
-            exc.message = re.sub(r"\s*<[^<>]*>", "", exc.message)  # no object reprs in answers
-            raise
-        width, height = img.size
-        if min(width, height) < self.min_image_side:
-            raise ImageError("image too small: %dx%d pixels (each side must be at least %d)"
-                            % (width, height, self.min_image_side), 400, "ImageTooSmall")
-        return self.transform(img)
+        return preprocess_image(_payload(row), self.img_size, self.transform, self.min_image_side)
 
     def inference(self, batch):
         return self.run(batch)

@@ -11,15 +11,15 @@ import os
 from torchvision import transforms as T
 
 from models.handler import (ACCEPTED_FORMATS, ENGINES, IMAGENET_MEAN, IMAGENET_STD, MAX_FULL_DECODE_PIXELS,
-                            MAX_IMAGE_PIXELS, ONNX_RUNTIME_MISSING, ImageError, eval_transform, normalize,
-                            onnx_engine, onnx_img_size, onnx_session, open_rgb, pick_img_size, pick_labels, resize,
-                            to_rgb, to_uint8_tensor, torch_engine)
+                            MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, ONNX_RUNTIME_MISSING, ImageError, eval_transform,
+                            normalize, onnx_engine, onnx_img_size, onnx_session, open_rgb, pick_img_size, pick_labels,
+                            pick_topk, preprocess_image, resize, to_rgb, to_uint8_tensor, torch_engine)
 
 __all__ = ["ACCEPTED_FORMATS", "ENGINES", "IMAGENET_MEAN", "IMAGENET_STD", "MAX_FULL_DECODE_PIXELS",
-           "MAX_IMAGE_PIXELS", "ONNX_RUNTIME_MISSING", "ImageError", "eval_transform", "normalize", "onnx_engine",
-           "onnx_img_size", "onnx_session", "open_rgb", "pick_img_size", "pick_labels", "resize", "to_rgb",
-           "to_uint8_tensor", "torch_engine", "train_augment", "IMAGE_EXTENSIONS", "is_image_file", "read_error",
-           "decode_file"]
+           "MAX_IMAGE_PIXELS", "MIN_IMAGE_SIDE", "ONNX_RUNTIME_MISSING", "ImageError", "eval_transform", "normalize",
+           "onnx_engine", "onnx_img_size", "onnx_session", "open_rgb", "pick_img_size", "pick_labels", "pick_topk",
+           "preprocess_image", "resize", "to_rgb", "to_uint8_tensor", "torch_engine", "train_augment",
+           "IMAGE_EXTENSIONS", "is_image_file", "read_error", "decode_file"]
 
 # What a folder's image files are called: the project lists folders by name (datasets, export check images).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif")

@@ -65,8 +65,10 @@ def _save_state(args, server):
 def cmd_start(args):
     running = _load_state(args)
     if running:
-        return _fail("TorchServe is already running (pid %d, %s): `make stop` first"
-                     % (running["procs"][0].pid, running["inference_address"]))
+        return _fail("%s is already running (pid %d, %s): `make stop` first"
+                     % (_server_name(running), running["procs"][0].pid, running["inference_address"]))
+    if args.server == "kserve":
+        return start_kserve(args)
     if not args.models:  # the shipped models, asked of the registry (this imports torch: start only)
         from models import shipped_models
         args.models = shipped_models()
@@ -98,11 +100,51 @@ def cmd_start(args):
     return 0
 
 
+def _server_name(state):
+    return "the KServe server" if state.get("server") == "kserve" else "TorchServe"
+
+
+def start_kserve(args):
+    """python -m serving start --server kserve: serving/kserve_server.py in the background on 127.0.0.1 (HTTP
+    --http-port, gRPC --grpc-port), until /v2/health/ready; classify the sample images; leave it running."""
+    from serving.kserve_runner import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, KServeServer
+    os.makedirs(args.logs, exist_ok=True)
+    server = KServeServer(os.path.join(args.logs, "kserve.log"), args.models,
+                          http_port=args.http_port or DEFAULT_HTTP_PORT, grpc_port=args.grpc_port or DEFAULT_GRPC_PORT,
+                          start_timeout=args.timeout)
+    print("starting the KServe server: %s (log in %s)" % (", ".join(args.models or ["the shipped models"]),
+                                                          TorchServe._show(server.log)), flush=True)
+    os.makedirs(args.state_dir, exist_ok=True)
+    try:
+        server.start(detach=True)
+    except TorchServeError as e:
+        return _fail(str(e))
+    try:
+        import psutil
+        procs = [[pid, psutil.Process(pid).create_time()] for pid in sorted(server._process_tree())]
+        models = json.loads(readiness.request(server.inference_address, "GET", "/v2/models")[1])["models"]
+        with open(_state_file(args), "w") as f:
+            json.dump({"server": "kserve", "processes": procs, "models": models,
+                       "inference_address": server.inference_address, "grpc_address": server.grpc_address,
+                       "management_address": None, "logs": args.logs}, f, indent=1)
+    except BaseException:  # a server nobody could stop must not be left behind
+        server.stop()
+        raise
+    for model in models:
+        for image in args.classify:
+            with open(os.path.join(REPO_ROOT, image) if not os.path.isabs(image) else image, "rb") as f:
+                status, answer = server.classify(model, f.read())
+            print("%s %s -> %s" % (model, image, json.dumps(answer) if status == 200 else "HTTP %d %s" % (status, answer)))
+    print("the KServe server is running: REST %s, gRPC %s (Open Inference Protocol v2; stop it with: make stop)"
+          % (server.inference_address, server.grpc_address))
+    return 0
+
+
 def _running_state(args):
     """The state of the server `start` left running, or None after saying that none runs."""
     state = _load_state(args)
     if not state:
-        print("TorchServe is not running (nothing started by `make serve`)")
+        print("no server is running (nothing started by `make serve` or `make serve-kserve`)")
     return state
 
 
@@ -121,7 +163,7 @@ def cmd_stop(args):
     if state.get("private"):
         shutil.rmtree(state["private"], ignore_errors=True)
     os.remove(_state_file(args))
-    print("TorchServe stopped (pid %d)" % state["procs"][0].pid)
+    print("%s stopped (pid %d)" % (_server_name(state), state["procs"][0].pid))
     return 0
 
 
@@ -129,6 +171,13 @@ def cmd_status(args):
     state = _running_state(args)
     if not state:
         return 1
+    if state.get("server") == "kserve":
+        parts = ["%s %s" % (m, "ready" if readiness.request(state["inference_address"], "GET",
+                                                             "/v2/models/%s/ready" % m)[0] == 200 else "NOT ready")
+                 for m in state["models"]]
+        print("the KServe server is running (pid %d): %s; REST %s, gRPC %s"
+              % (state["procs"][0].pid, ", ".join(parts), state["inference_address"], state["grpc_address"]))
+        return 0
     parts = []
     for model in state["models"]:
         try:
@@ -147,7 +196,13 @@ def main(argv=None):
     parser.add_argument("--state-dir", default=STATE_DIR,
                         help="where start keeps the generated config and the PIDs stop needs (.torchserve/)")
     sub = parser.add_subparsers(dest="command", required=True)
-    start = sub.add_parser("start", help="start TorchServe on the shipped config, wait for READY, classify")
+    start = sub.add_parser("start", help="start TorchServe on the shipped config (or the KServe server), wait for "
+                                         "READY, classify")
+    start.add_argument("--server", choices=["torchserve", "kserve"], default="torchserve",
+                       help="torchserve (the specification's), or kserve: KServe's ModelServer on the ONNX exports, "
+                            "Open Inference Protocol v2 over REST and gRPC (serving/kserve_server.py)")
+    start.add_argument("--http-port", type=int, default=None, help="kserve: REST port (8090)")
+    start.add_argument("--grpc-port", type=int, default=None, help="kserve: gRPC port (8091)")
     start.add_argument("--models", nargs="+", default=None,
                        help="the models to serve (default: the shipped ones, models.shipped_models())")
     start.add_argument("--model-store", default=MODEL_STORE)
@@ -156,7 +211,7 @@ def main(argv=None):
     start.add_argument("--classify", nargs="*", default=list(SERVE_CHECK_IMAGES), metavar="IMG",
                        help="images each model classifies once it is ready (none: --classify)")
     start.add_argument("--timeout", type=float, default=300, help="seconds to wait for every model (300)")
-    sub.add_parser("stop", help="stop the TorchServe `start` started")
+    sub.add_parser("stop", help="stop the server `start` started")
     sub.add_parser("status", help="is it running, and how many workers each model has READY (exit 1: not running)")
     args = parser.parse_args(argv)
     try:

@@ -501,17 +501,22 @@ def _wait_stopped(procs, timeout):
 
 
 def _stop_processes(procs, timeout=60):
-    """SIGTERM to the Java frontend (TorchServe's shutdown stops its workers), then kill what is left."""
+    """SIGTERM to the Java frontend (TorchServe's shutdown stops its workers), or to every process of a
+    server without one (KServe's, serving/kserve_runner.py), then kill what is left."""
     import psutil
     frontends = []
     for proc in procs:
         try:
             if FRONTEND_CLASS in proc.cmdline():
                 frontends.append(proc)
-                proc.terminate()
         except psutil.Error:
             pass
-    _wait_stopped(frontends, timeout)
+    for proc in frontends or procs:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _wait_stopped(frontends or procs, timeout)
     alive = _wait_stopped(procs, 20)
     for proc in alive:  # still running after the frontend stopped: ours, so end it
         try:

@@ -306,7 +306,7 @@ def test_a_zombie_is_a_stopped_process(tmp_path):
         state.mkdir()
         (state / "server.json").write_text(json.dumps({"processes": [[zombie.pid, zombie.create_time()]]}))
         status = run_cli(state, "status")
-        assert status.returncode == 1 and "not running" in status.stdout, status.stdout
+        assert status.returncode == 1 and "no server is running" in status.stdout, status.stdout
     finally:
         parent.kill()
         parent.wait()
@@ -318,7 +318,7 @@ def test_make_status_with_nothing_running_is_not_an_error(tmp_path):
                             stderr=subprocess.PIPE, universal_newlines=True, timeout=60,
                             env=dict(os.environ, MAKEFLAGS=""))
     assert result.returncode == 0, result.stderr
-    assert "Error" not in result.stderr and result.stdout.startswith("TorchServe is "), result.stdout + result.stderr
+    assert "Error" not in result.stderr and result.stdout.startswith("no server is running"), result.stdout + result.stderr
 
 
 BROKEN_HANDLER = '''
