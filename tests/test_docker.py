@@ -647,3 +647,221 @@ def test_compose_file_binds_loopback_and_serves(project_image, base_image, build
         compare(local_answers, answers, "docker compose (%s)" % network)
     finally:
         run(base + ["down", "--timeout", "5"], env=env, check=False, quiet=True)
+
+
+# ---- the KServe image (deployment/kserve/) ------------------------------------------------------
+#
+# deployment/kserve/build.sh builds it (the Debian 12 rootfs of the stand-in, or $KSERVE_BASE_IMAGE such as
+# python:3.11-slim; wheels pip-downloaded here and served on loopback), tagged $DOCKER_TEST_KSERVE_IMAGE. The same
+# images are classified by a local `python -m serving.kserve_server` (this virtualenv) and by the container over
+# REST v2 (tritonclient, binary data), and must agree within DOCKER_TEST_ATOL. Then the container runs as
+# deployment/kubernetes/kserve/deployment.yaml's pod does (its command line, user, read-only root with /tmp
+# writable, no capabilities) and that pod's probes, gRPC and REST answer.
+
+KSERVE_DIR = os.path.join(DEPLOYMENT, "kserve")
+KSERVE_TEST_IMAGE = os.environ.get("DOCKER_TEST_KSERVE_IMAGE", "dogscats-kserve:docker-test")
+KSERVE_HEALTHCHECK = "/opt/dogscats/deployment/kserve/healthcheck.py"
+
+
+def kserve_models():
+    from models import shipped_models
+    return shipped_models()
+
+
+def kserve_cmd():
+    """deployment/kserve/Dockerfile's CMD (exec form)."""
+    with open(os.path.join(KSERVE_DIR, "Dockerfile")) as f:
+        return json.loads(re.search(r"(?m)^CMD (\[.*\])$", f.read()).group(1))
+
+
+def with_address(argv, host, http_port, grpc_port):
+    """A server command line with --host, --http-port and --grpc-port set to these (for --network host)."""
+    values = {"--host": host, "--http-port": str(http_port), "--grpc-port": str(grpc_port)}
+    out = list(argv)
+    for flag, value in values.items():
+        out[out.index(flag) + 1] = value
+    return out
+
+
+def kserve_classify(http_address, model, image):
+    """One image through the Open Inference Protocol v2 over REST (binary data): (probabilities, label)."""
+    import numpy as np
+    import tritonclient.http as httpclient
+    with open(image, "rb") as f:
+        data = f.read()
+    client = httpclient.InferenceServerClient(http_address, network_timeout=120.0)
+    try:
+        tensor = httpclient.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([data], dtype=np.object_), binary_data=True)
+        result = client.infer(model, [tensor])
+        return result.as_numpy("probabilities")[0].tolist(), result.as_numpy("label")[0].decode()
+    finally:
+        client.close()
+
+
+def kserve_classify_all(http_address, models, images=IMAGES):
+    return {(model, os.path.basename(image)): kserve_classify(http_address, model, image)
+            for model in models for image in images}
+
+
+def kserve_compare(expected, got, where):
+    worst = 0.0
+    for key, (probabilities, label) in sorted(got.items()):
+        want_probabilities, want_label = expected[key]
+        assert len(probabilities) == len(want_probabilities), (key, want_probabilities, probabilities)
+        diff = max(abs(a - b) for a, b in zip(probabilities, want_probabilities))
+        worst = max(worst, diff)
+        assert diff <= ATOL, "%s %s: local %s, %s %s (diff %.3g > %g)" % (key[0], key[1], want_probabilities, where,
+                                                                         probabilities, diff, ATOL)
+        if abs(max(want_probabilities) - min(want_probabilities)) > ATOL:
+            assert label == want_label, (key, want_label, label)
+    say("%s: %d answers equal the local KServe server's (largest difference %.3g, tolerance %g)"
+        % (where, len(got), worst, ATOL))
+
+
+def wait_kserve_ready(base_url, proc, log_path, timeout=START_TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if requests.get(base_url + "/v2/health/ready", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            with open(log_path, errors="replace") as f:
+                raise AssertionError("the local KServe server did not get ready (exit %s):\n%s"
+                                     % (proc.poll(), f.read()[-3000:]))
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def kserve_image(engine):
+    """deployment/kserve/build.sh (reuses an image built from the same inputs); removed again with --rmi."""
+    previous = image_id(KSERVE_TEST_IMAGE)
+    with timed("deployment/kserve/build.sh"):
+        run(["bash", os.path.join(KSERVE_DIR, "build.sh")], quiet=True, timeout=3600,
+            env=dict(os.environ, KSERVE_IMAGE=KSERVE_TEST_IMAGE, STANDIN_ROOTFS_IMAGE=STANDIN_ROOTFS_IMAGE,
+                     PYTHON=sys.executable))
+    drop_replaced(KSERVE_TEST_IMAGE, previous)
+    yield KSERVE_TEST_IMAGE
+    if RMI:
+        say("removing %s" % KSERVE_TEST_IMAGE)
+        subprocess.run(["docker", "rmi", KSERVE_TEST_IMAGE], stdout=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def kserve_local_answers(tmp_path_factory):
+    """The images through a local `python -m serving.kserve_server` (this virtualenv, the repository's models)."""
+    http_port, grpc_port = free_port(), free_port()
+    log_path = str(tmp_path_factory.mktemp("local-kserve") / "server.log")
+    with timed("local KServe server: start, classify, stop"):
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "serving.kserve_server", "--http-port", str(http_port),
+                                     "--grpc-port", str(grpc_port)], cwd=REPO_ROOT, stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            wait_kserve_ready("http://127.0.0.1:%d" % http_port, proc, log_path)
+            answers = kserve_classify_all("127.0.0.1:%d" % http_port, kserve_models())
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+    for (model, image), answer in sorted(answers.items()):
+        say("local kserve  %-20s %-12s %s" % (model, image, json.dumps(answer)))
+    return answers
+
+
+def test_kserve_image_is_non_root_with_healthcheck_and_the_servers_command(kserve_image):
+    config = json.loads(docker("inspect", "-f", "{{json .Config}}", kserve_image, quiet=True).stdout)
+    assert config["User"] == "1000:1000"
+    assert config["Cmd"] == kserve_cmd() and not config.get("Entrypoint")
+    assert {"8080/tcp", "8081/tcp"} <= set(config["ExposedPorts"])
+    assert config["Healthcheck"]["Test"] == ["CMD", "python", KSERVE_HEALTHCHECK]
+    listing = docker("run", "--rm", kserve_image, "sh", "-c",
+                     "id -u; id -g; ls /opt/dogscats/models/*/*.onnx; touch /opt/dogscats/x 2>&1 || echo read-only",
+                     quiet=True).stdout.split("\n")
+    assert listing[:2] == ["1000", "1000"]
+    for model in kserve_models():
+        assert "/opt/dogscats/models/%s/model_%s.onnx" % (model, model) in listing
+    assert "read-only" in listing  # the code and models are root's: the server cannot change them
+
+
+def test_kserve_image_answers_like_the_local_kserve_server(kserve_image, network, kserve_local_answers):
+    http_port, grpc_port, name = free_port(), free_port(), PREFIX + "-kserve"
+    if network == "publish":  # the image's own command, as docs/kserve.md runs it
+        args = ["-p", "127.0.0.1:%d:8080" % http_port, "-p", "127.0.0.1:%d:8081" % grpc_port, kserve_image]
+    else:  # the host's network: the same command on free loopback ports, and the health check on that port
+        args = ["--network", "host", "--health-cmd", "python %s %d" % (KSERVE_HEALTHCHECK, http_port), kserve_image,
+                *with_address(kserve_cmd(), "127.0.0.1", http_port, grpc_port)]
+    try:
+        with timed("KServe image: start until healthy"):
+            docker("run", "-d", "--init", "--name", name, *args, quiet=True)
+            wait_healthy(name)
+        processes = [line.split(None, 2) for line in
+                     docker("top", name, "-eo", "pid,uid,args", quiet=True).stdout.splitlines()[1:] if line.strip()]
+        assert any("serving.kserve_server" in args for _, _, args in processes), processes
+        assert all(uid not in ("0", "root") for _, uid, _ in processes), processes
+        with timed("KServe image: classify"):
+            answers = kserve_classify_all("127.0.0.1:%d" % http_port, kserve_models())
+        kserve_compare(kserve_local_answers, answers, "KServe image (%s)" % network)
+    finally:
+        remove_container(name)
+
+
+def test_kserve_pod_settings_and_probes_in_the_container(kserve_image, network, kserve_local_answers):
+    """deployment/kubernetes/kserve/deployment.yaml's container as its pod runs it: its command line, its user,
+    a read-only root file system with /tmp writable, no capabilities; then its probes as written, gRPC
+    (ServerReady, ModelReady, one inference) and REST."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    with open(os.path.join(DEPLOYMENT, "kubernetes", "kserve", "deployment.yaml")) as f:
+        (deployment,) = [doc for doc in yaml.safe_load_all(f) if doc and doc["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (spec,) = pod["containers"]
+    assert spec["securityContext"]["readOnlyRootFilesystem"] is True
+    assert [m["mountPath"] for m in spec["volumeMounts"]] == ["/tmp"]
+    user = "%d:%d" % (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"])
+    argv = spec["command"] + spec["args"]
+    container_ports = {p["name"]: p["containerPort"] for p in spec["ports"]}
+    http_port, grpc_port, name = free_port(), free_port(), PREFIX + "-kserve-pod"
+    if network == "publish":
+        net_args = ["-p", "127.0.0.1:%d:%d" % (http_port, container_ports["http"]),
+                    "-p", "127.0.0.1:%d:%d" % (grpc_port, container_ports["h2c"])]
+    else:
+        net_args = ["--network", "host", "--health-cmd", "python %s %d" % (KSERVE_HEALTHCHECK, http_port)]
+        argv = with_address(argv, "127.0.0.1", http_port, grpc_port)
+    pod_args = ["--user", user, "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
+                "--security-opt", "no-new-privileges"]
+    models = kserve_models()
+    try:
+        with timed("KServe pod settings: start until healthy"):
+            docker("run", "-d", "--init", "--name", name, *pod_args, *net_args, kserve_image, *argv, quiet=True)
+            wait_healthy(name)
+        base = "http://127.0.0.1:%d" % http_port
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            get = spec[probe]["httpGet"]
+            port = container_ports[get["port"]] if isinstance(get["port"], str) else get["port"]
+            assert port == container_ports["http"], (probe, get)
+            answer = requests.get(base + get["path"], timeout=10)
+            assert answer.status_code == 200, (probe, answer.status_code, answer.text)
+        assert requests.get(base + "/v2/health/ready", timeout=10).json() == {"ready": True}
+        client = grpcclient.InferenceServerClient("127.0.0.1:%d" % grpc_port)
+        try:
+            assert client.is_server_ready()
+            assert all(client.is_model_ready(model) for model in models)
+            with open(IMAGES[0], "rb") as f:
+                tensor = grpcclient.InferInput("image", [1], "BYTES")
+                tensor.set_data_from_numpy(np.array([f.read()], dtype=np.object_))
+            result = client.infer(models[0], [tensor])
+            grpc_answer = {(models[0], os.path.basename(IMAGES[0])): (result.as_numpy("probabilities")[0].tolist(),
+                                                                     result.as_numpy("label")[0].decode())}
+        finally:
+            client.close()
+        kserve_compare(kserve_local_answers, grpc_answer, "KServe pod settings, gRPC (%s)" % network)
+        answers = kserve_classify_all("127.0.0.1:%d" % http_port, models, images=IMAGES[:2])
+        kserve_compare(kserve_local_answers, answers, "KServe pod settings, REST (%s)" % network)
+    finally:
+        remove_container(name)
