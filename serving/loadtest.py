@@ -50,17 +50,26 @@ def latency_summary(seconds):
             "mean_ms": round(sum(seconds) / len(seconds) * 1000, 2)}
 
 
-def send_requests(url, payloads, total, concurrency, max_seconds=None, timeout=120, on_done=None):
+def send_requests(url, payloads, total, concurrency, max_seconds=None, timeout=120, on_done=None, headers=None):
     """POST `total` requests to `url` (payloads round-robin) from `concurrency` client threads.
 
     Returns [Result] in the order the answers came. No request is sent after `max_seconds`
     (requests in flight then are still awaited, each at most `timeout` seconds). `on_done(n)`,
     when given, is called by a client thread after each answer, with the number answered so
     far. A client whose request fails without an answer (a dropped connection) reconnects.
+    `headers`: those of every request, a dict; or one dict per payload (a list as long as `payloads`:
+    payloads[i] goes with headers[i], e.g. a length header that differs per body); None (the default):
+    Content-Type: application/octet-stream, TorchServe's raw bytes.
     """
     parts = urlsplit(url)
     path = parts.path + ("?" + parts.query if parts.query else "")
-    headers = {"Content-Type": "application/octet-stream"}
+    if headers is None:
+        headers = {"Content-Type": "application/octet-stream"}
+    if isinstance(headers, dict):
+        headers = [headers]
+    elif len(headers) != len(payloads):
+        raise ValueError("headers: one dict for every request, or one per payload (%d), not %d"
+                         % (len(payloads), len(headers)))
     counter, lock, results = itertools.count(), threading.Lock(), []
     deadline = time.monotonic() + max_seconds if max_seconds is not None else None
 
@@ -75,7 +84,7 @@ def send_requests(url, payloads, total, concurrency, max_seconds=None, timeout=1
                 try:
                     if conn is None:
                         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
-                    conn.request("POST", path, body=payloads[i % len(payloads)], headers=headers)
+                    conn.request("POST", path, body=payloads[i % len(payloads)], headers=headers[i % len(headers)])
                     response = conn.getresponse()
                     status, body = response.status, response.read().decode("utf-8", "replace")
                 except (OSError, http.client.HTTPException) as exc:
@@ -101,17 +110,18 @@ def send_requests(url, payloads, total, concurrency, max_seconds=None, timeout=1
     return results
 
 
-def run_load(url, payloads, concurrency, n_requests, max_seconds=60, warmup=None, timeout=120):
-    """One measured cell: a few untimed warm-up requests, then `n_requests` at `concurrency`.
+def run_load(url, payloads, concurrency, n_requests, max_seconds=60, warmup=None, timeout=120, headers=None):
+    """One measured cell: a few untimed warm-up requests, then `n_requests` at `concurrency`; `headers` as
+    send_requests takes them.
 
     Returns {"concurrency", "requests", "ok", "errors", "seconds", "req_s" (answered 200 per
     second of wall time), "p50_ms", "p99_ms", "mean_ms" (of the 200s), "first_error" (when any),
     "sample_answer" (the first 200's body)}.
     """
     send_requests(url, payloads, warmup if warmup is not None else max(8, 2 * concurrency), concurrency,
-                  max_seconds, timeout)
+                  max_seconds, timeout, headers=headers)
     start = time.monotonic()
-    results = send_requests(url, payloads, n_requests, concurrency, max_seconds, timeout)
+    results = send_requests(url, payloads, n_requests, concurrency, max_seconds, timeout, headers=headers)
     wall = time.monotonic() - start
     ok = [r for r in results if r.status == 200]
     errors = [r for r in results if r.status != 200]
