@@ -107,7 +107,9 @@ def _server_name(state):
 def start_kserve(args):
     """python -m serving start --server kserve: serving/kserve_server.py in the background on 127.0.0.1 (HTTP
     --http-port, gRPC --grpc-port), until /v2/health/ready; classify the sample images; leave it running."""
-    from serving.kserve_runner import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, KServeServer
+    from serving.kserve_runner import KServeServer
+    # importing it imports neither kserve nor torch: only its constants are needed here
+    from serving.kserve_server import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT
     os.makedirs(args.logs, exist_ok=True)
     server = KServeServer(os.path.join(args.logs, "kserve.log"), args.models,
                           http_port=args.http_port or DEFAULT_HTTP_PORT, grpc_port=args.grpc_port or DEFAULT_GRPC_PORT,

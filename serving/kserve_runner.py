@@ -16,9 +16,6 @@ import time
 from deployment import readiness
 from serving.torchserve import REPO_ROOT, TorchServeError, _stop_processes, free_port
 
-# The server's defaults (importing serving.kserve_server imports neither kserve nor torch: `make stop` stays fast).
-from serving.kserve_server import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT  # noqa: E402,F401
-
 
 class KServeServer(object):
     """One KServe ModelServer process on `host`: `http_port`/`grpc_port`, or free ports when None.

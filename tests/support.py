@@ -83,3 +83,14 @@ def non_loopback_address():
     except OSError:
         return None
     return None if address.startswith("127.") else address
+
+
+def stop_process(proc, timeout=30):
+    """SIGTERM a server process the test started (its graceful stop), then kill it if it does not end."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)

@@ -50,7 +50,7 @@ import yaml
 
 from tests.serving_utils import REPO_ROOT, TEST1_DIR, TRAIN_DIR, TorchServe, dog_probability, free_port, \
     make_checkpoint, run_archive
-from tests.support import dockerfile_copies
+from tests.support import dockerfile_copies, stop_process
 
 pytestmark = pytest.mark.skipif(os.environ.get("RUN_DOCKER_TESTS") != "1",
                                 reason="Docker end-to-end test: run tests/run_docker_test.sh "
@@ -763,12 +763,7 @@ def kserve_local_answers(tmp_path_factory):
             wait_kserve_ready("http://127.0.0.1:%d" % http_port, proc, log_path)
             answers = kserve_classify_all("127.0.0.1:%d" % http_port, kserve_models())
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+            stop_process(proc)
     for (model, image), answer in sorted(answers.items()):
         say("local kserve  %-20s %-12s %s" % (model, image, json.dumps(answer)))
     return answers

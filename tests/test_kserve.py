@@ -23,7 +23,7 @@ from serving.kserve_server import (DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, INPUT_N
                                    model_specs)
 from serving.torchserve import SHIPPED_CONFIG, free_port, read_properties
 from tests.serving_utils import bomb_png, eps_bytes, tiny_png
-from tests.support import REPO_ROOT, TEST1_DIR, TRAIN_DIR, non_loopback_address
+from tests.support import REPO_ROOT, TEST1_DIR, TRAIN_DIR, non_loopback_address, stop_process
 
 START_TIMEOUT = 90  # seconds for the server to load every model and answer /v2/health/ready
 SAMPLES = sorted(os.path.join(d, n) for d in (TRAIN_DIR, TEST1_DIR) for n in os.listdir(d) if n.endswith(".jpg"))
@@ -75,14 +75,7 @@ def _copy_spare(directory):
     return os.path.join(directory, stem + ".pth")
 
 
-def _stop(proc):
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+
 
 
 def _start(workdir, args=()):
@@ -108,9 +101,9 @@ def _start(workdir, args=()):
                     pass
                 time.sleep(0.2)
         except BaseException:
-            _stop(proc)
+            stop_process(proc)
             raise
-        _stop(proc)
+        stop_process(proc)
         tail = server.log_tail()
         if "cannot listen" not in tail and "address already in use" not in tail.lower():
             break
@@ -126,7 +119,7 @@ def server(tmp_path_factory):
         yield running
         assert running.proc.poll() is None, "the server died:\n" + running.log_tail()
     finally:
-        _stop(running.proc)
+        stop_process(running.proc)
 
 
 @pytest.fixture
@@ -139,7 +132,7 @@ def controlled(tmp_path):
         yield running
         assert running.proc.poll() is None, "the server died:\n" + running.log_tail()
     finally:
-        _stop(running.proc)
+        stop_process(running.proc)
 
 
 @pytest.fixture(scope="module")

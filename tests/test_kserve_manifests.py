@@ -33,6 +33,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from tests.support import REPO_ROOT as ROOT
+from tests.support import stop_process
 
 KSERVE_DIR = os.path.join(ROOT, "deployment", "kserve")
 K8S = os.path.join(ROOT, "deployment", "kubernetes", "kserve")
@@ -715,12 +716,7 @@ def test_the_staged_files_alone_serve_every_shipped_model(staged, tmp_path):
             outputs = {o["name"]: o["data"] for o in answer.json()["outputs"]}
             assert abs(sum(outputs["probabilities"]) - 1) < 1e-4 and outputs["label"][0], outputs
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
 
 
 def with_address(argv, host, http_port, grpc_port):
