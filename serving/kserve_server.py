@@ -403,7 +403,12 @@ def kserve_api():
         try:
             header = orjson.loads(body[:json_length])
         except orjson.JSONDecodeError as exc:
-            raise RequestError("the request's JSON cannot be parsed: %s" % str(exc)[:200])
+            hint = ""
+            if declared is None and body[:1] not in (b"{", b"[", b" ", b"\n"):  # e.g. curl -T img.jpg, as TorchServe
+                hint = ('; this server speaks the Open Inference Protocol: POST {"inputs": [{"name": "image", '
+                        '"datatype": "BYTES", "shape": [1], "data": ["<the image, base64>"]}]} (README, "Serving '
+                        'without TorchServe")')
+            raise RequestError("the request's JSON cannot be parsed: %s%s" % (str(exc)[:200], hint))
         if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
             raise RequestError('the request\'s JSON must be an object with a list "inputs"')
         inputs, raw, offset = [], [], json_length

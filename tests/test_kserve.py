@@ -352,6 +352,9 @@ BAD_REST = {
                       "larger than the limit"),
     "oversize-chunked-body": (lambda: (oversize_chunks(), {}), 413, "larger than the limit"),
     "json-syntax": (lambda: (b'{"inputs": [', {"Content-Type": "application/json"}), 422, None),
+    # TorchServe's habit, curl -T img.jpg: the answer says what this protocol wants instead
+    "a-bare-jpeg-body": (lambda: (GOOD, {"Content-Type": "application/octet-stream"}), 400,
+                         "speaks the Open Inference Protocol"),
 }
 
 
