@@ -189,8 +189,9 @@ def load_weights(model, model_path, conv_net, state=None):
     except RuntimeError:
         trained_as = read_meta(model_path).get("conv_net")
         if trained_as == conv_net:  # the right name but other layers: saved by another version of the network
-            raise CheckpointError("%s was trained as %s, but its weights do not fit the current %s network (saved "
-                                  "by another version of it?); train the model again" % (model_path, conv_net, conv_net)) from None
+            raise CheckpointError("%s was trained as %s, but its weights do not fit the current %s network (saved by "
+                                  "another version of it?); train the model again"
+                                  % (model_path, conv_net, conv_net)) from None
         hint = " (it was trained as --conv_net %s)" % trained_as if trained_as else ""
         raise CheckpointError("%s is not a %s checkpoint%s; %s" % (model_path, conv_net, hint, WEIGHTS_FIX)) from None
     return model

@@ -156,8 +156,8 @@ def open_rgb(source, img_size=None):
         # all, or a header too damaged to tell. Saying which would mean parsing them; only a HEIC or
         # AVIF file whose decoder is not installed here is named, from its first box.
         raise ImageError(_missing_decoder(source) or "unsupported image format: the accepted formats are %s"
-                        " and %s (or its header is damaged)" % (", ".join(_FORMAT_NAMES[:-1]), _FORMAT_NAMES[-1]),
-                        415, "UnsupportedImageFormat")
+                         " and %s (or its header is damaged)" % (", ".join(_FORMAT_NAMES[:-1]), _FORMAT_NAMES[-1]),
+                         415, "UnsupportedImageFormat")
     except (OSError, SyntaxError, ValueError, RuntimeError) as exc:  # RuntimeError: libavif's, libheif's
         raise ImageError("cannot decode image: %s" % (str(exc).strip() or type(exc).__name__))
     return to_rgb(img)
@@ -198,7 +198,7 @@ def _check_pixels(img):
                                                                          MAX_IMAGE_PIXELS)
     if width * height > limit:
         raise ImageError("image too large: %dx%d is %d pixels (limit %s)" % (width, height, width * height, limits),
-                        413, "ImageTooLarge")
+                         413, "ImageTooLarge")
 
 
 def to_rgb(img):
@@ -429,7 +429,7 @@ def preprocess_image(data, img_size, transform, min_image_side=MIN_IMAGE_SIDE):
     width, height = img.size
     if min(width, height) < min_image_side:
         raise ImageError("image too small: %dx%d pixels (each side must be at least %d)"
-                        % (width, height, min_image_side), 400, "ImageTooSmall")
+                         % (width, height, min_image_side), 400, "ImageTooSmall")
     return transform(img)
 
 
@@ -469,7 +469,7 @@ def _payload(row):
     files = sorted(str(k)[:40] for k, v in row.items() if isinstance(v, (bytes, bytearray)) and len(v))
     if len(files) > 1:  # several multipart files under different names: which one would be answered?
         raise ImageError("one image per request, got %d files (fields %s)" % (len(files), files[:5]),
-                        400, "TooManyFiles")
+                         400, "TooManyFiles")
     image = row.get("data")
     if image is None:
         image = row.get("body")
@@ -477,7 +477,7 @@ def _payload(row):
         fields = [str(k)[:40] for k in row if k not in ("data", "body")]
         if fields:  # e.g. curl --data-binary with curl's default form content type
             raise ImageError("no image in the request (got form fields %s); %s" % (fields[:5], HOW_TO_SEND),
-                            400, "InvalidInput")
+                             400, "InvalidInput")
         raise ImageError("empty request: no image bytes received; " + HOW_TO_SEND, 400, "EmptyBody")
     if isinstance(image, str):  # text/* bodies arrive decoded; accept base64 text
         try:
@@ -486,7 +486,7 @@ def _payload(row):
             raise ImageError("text body is not base64-encoded image bytes")
     if not isinstance(image, (bytes, bytearray)):
         raise ImageError("expected image bytes, got %s (JSON bodies are not accepted); %s"
-                        % (type(image).__name__, HOW_TO_SEND), 400, "InvalidInput")
+                         % (type(image).__name__, HOW_TO_SEND), 400, "InvalidInput")
     return bytes(image)
 
 
@@ -542,8 +542,9 @@ class DogsVsCatsHandler(object):
                            FALLBACK_IMG_SIZE)
         self.min_image_side = int(handler_config.get("min_image_side") or MIN_IMAGE_SIDE)
         self.transform = eval_transform(self.img_size)
+        outputs = outputs if isinstance(outputs, int) else None  # a symbolic axis (a name, not a number): unknown
         names, label_source, self.label_warnings = pick_labels(weights_classes, self.meta.get("classes"),
-                                                               index_to_name, outputs if isinstance(outputs, int) else None)
+                                                               index_to_name, outputs)
         for warning in self.label_warnings:
             logger.warning("labels: %s", warning)
         self.labels = dict(enumerate(names))

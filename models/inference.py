@@ -198,7 +198,8 @@ class Predictor:
         self.checkpoint, self.meta, self.classes = checkpoint, checkpoint.meta, checkpoint.classes
         for warning in checkpoint.label_warnings:
             print("warning: %s: labels: %s" % (checkpoint.path, warning), file=sys.stderr)
-        self.conv_net, self.model_path, self.backend, self.device = checkpoint.conv_net, checkpoint.path, backend, device
+        self.conv_net, self.model_path = checkpoint.conv_net, checkpoint.path
+        self.backend, self.device = backend, device
         self.img_size = checkpoint.img_size  # loads the weights: a checkpoint that does not fit conv_net fails here
         if backend == "onnx":
             try:

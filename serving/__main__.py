@@ -136,7 +136,8 @@ def start_kserve(args):
         for image in args.classify:
             with open(os.path.join(REPO_ROOT, image) if not os.path.isabs(image) else image, "rb") as f:
                 status, answer = server.classify(model, f.read())
-            print("%s %s -> %s" % (model, image, json.dumps(answer) if status == 200 else "HTTP %d %s" % (status, answer)))
+            print("%s %s -> %s" % (model, image,
+                                   json.dumps(answer) if status == 200 else "HTTP %d %s" % (status, answer)))
     print("the KServe server is running: REST %s, gRPC %s (Open Inference Protocol v2; stop it with: make stop)"
           % (server.inference_address, server.grpc_address))
     return 0

@@ -21,8 +21,8 @@ class KServeServer(object):
     """One KServe ModelServer process on `host`: `http_port`/`grpc_port`, or free ports when None.
 
     models: the registry names to serve (None: the shipped ones, the server's default); threads: its --threads
-    (None: its default). log: where its output goes. start() returns once /v2/health/ready answers 200, or raises TorchServeError with the
-    log's last lines (a model that did not load, a port in use)."""
+    (None: its default). log: where its output goes. start() returns once /v2/health/ready answers 200, or
+    raises TorchServeError with the log's last lines (a model that did not load, a port in use)."""
 
     def __init__(self, log, models=None, host="127.0.0.1", http_port=None, grpc_port=None, threads=None,
                  start_timeout=300, extra_args=()):
