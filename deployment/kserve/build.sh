@@ -46,6 +46,8 @@ case "${1:-}" in
 esac
 
 log() { echo "[kserve-image] $*" >&2; }
+# shellcheck source=../images.sh
+. "$ROOT/deployment/images.sh"
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/kserve-image.XXXXXX")"
 SERVER_PID=""
@@ -73,18 +75,8 @@ mkdir -p "$CTX"
 )
 
 # 2. The base image. The Debian rootfs is the one deployment/standin/build.sh makes (same name, same command).
-if [ "$BASE_IMAGE" = "$STANDIN_ROOTFS_IMAGE" ] && ! docker image inspect "$STANDIN_ROOTFS_IMAGE" >/dev/null 2>&1; then
-    command -v debootstrap >/dev/null || { log "debootstrap is missing (apt-get install debootstrap)"; exit 1; }
-    [ "$(id -u)" = 0 ] || { log "debootstrap needs root"; exit 1; }
-    log "debootstrap $DEBIAN_SUITE from $DEBIAN_MIRROR"
-    debootstrap --variant=minbase --include=ca-certificates "$DEBIAN_SUITE" "$WORK/rootfs" "$DEBIAN_MIRROR" \
-        > "$WORK/debootstrap.log" 2>&1 || { tail -20 "$WORK/debootstrap.log" >&2; exit 1; }
-    rm -rf "$WORK/rootfs/var/cache/apt/archives/"*.deb "$WORK/rootfs/var/lib/apt/lists/"*
-    tar -C "$WORK/rootfs" --numeric-owner -c . | docker import \
-        --change 'CMD ["/bin/bash"]' --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-        --message "debootstrap --variant=minbase $DEBIAN_SUITE" - "$STANDIN_ROOTFS_IMAGE" >/dev/null
-    rm -rf "$WORK/rootfs"
-    log "imported $STANDIN_ROOTFS_IMAGE"
+if [ "$BASE_IMAGE" = "$STANDIN_ROOTFS_IMAGE" ]; then
+    make_rootfs_image "$STANDIN_ROOTFS_IMAGE" "$DEBIAN_SUITE" "$DEBIAN_MIRROR"
 elif ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
     docker pull "$BASE_IMAGE"
 fi
@@ -105,23 +97,13 @@ START=$(date +%s)
 # 3. Wheels for CPython 3.11 / glibc 2.36 (Debian 12; python:3.11-slim is Debian 12 too)
 sed -e 's/\[[^]]*\]//' "$CTX/requirements.txt" > "$WORK/constraints.txt"  # pip refuses extras in constraints
 log "pip download: $(grep -v '^#' "$CTX/deployment/kserve/runtime-packages.txt" | tr '\n' ' ')"
-PLATFORMS=(--platform manylinux1_x86_64 --platform manylinux2010_x86_64 --platform manylinux2014_x86_64)
-for minor in $(seq 5 36); do PLATFORMS+=(--platform "manylinux_2_${minor}_x86_64"); done
 INDEX=()
 [ -z "$TORCH_INDEX_URL" ] || INDEX=(--extra-index-url "$TORCH_INDEX_URL")
-"$PYTHON" -m pip download --quiet --disable-pip-version-check --dest "$WORK/wheels" ${INDEX[@]+"${INDEX[@]}"} \
-    --only-binary=:all: --python-version 3.11 --implementation cp --abi cp311 "${PLATFORMS[@]}" \
-    -c "$WORK/constraints.txt" -r "$CTX/deployment/kserve/runtime-packages.txt"
-log "wheels: $(du -sh "$WORK/wheels" | cut -f1)"
+download_wheels "$WORK/wheels" ${INDEX[@]+"${INDEX[@]}"} -c "$WORK/constraints.txt" \
+    -r "$CTX/deployment/kserve/runtime-packages.txt"
 
 # 4. The build, with the wheels served on loopback (nothing of them lands in the context or a layer)
-PORT="$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-"$PYTHON" -m http.server --bind 127.0.0.1 --directory "$WORK/wheels" "$PORT" >"$WORK/http.log" 2>&1 &
-SERVER_PID=$!
-for _ in $(seq 50); do
-    "$PYTHON" -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$PORT/', timeout=1)" 2>/dev/null && break
-    sleep 0.2
-done
+serve_wheels "$WORK/wheels"
 
 log "docker build $KSERVE_IMAGE"
 docker build --network host \

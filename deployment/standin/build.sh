@@ -42,6 +42,8 @@ case "${1:-}" in
 esac
 
 log() { echo "[standin] $*" >&2; }
+# shellcheck source=../images.sh
+. "$ROOT/deployment/images.sh"
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/standin.XXXXXX")"
 SERVER_PID=""
@@ -67,39 +69,14 @@ fi
 START=$(date +%s)
 
 # 1. Debian root file system -> image
-if ! docker image inspect "$STANDIN_ROOTFS_IMAGE" >/dev/null 2>&1; then
-    command -v debootstrap >/dev/null || { log "debootstrap is missing (apt-get install debootstrap)"; exit 1; }
-    [ "$(id -u)" = 0 ] || { log "debootstrap needs root"; exit 1; }
-    log "debootstrap $DEBIAN_SUITE from $DEBIAN_MIRROR"
-    debootstrap --variant=minbase --include=ca-certificates "$DEBIAN_SUITE" "$WORK/rootfs" "$DEBIAN_MIRROR" \
-        > "$WORK/debootstrap.log" 2>&1 || { tail -20 "$WORK/debootstrap.log" >&2; exit 1; }
-    rm -rf "$WORK/rootfs/var/cache/apt/archives/"*.deb "$WORK/rootfs/var/lib/apt/lists/"*
-    tar -C "$WORK/rootfs" --numeric-owner -c . | docker import \
-        --change 'CMD ["/bin/bash"]' --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-        --message "debootstrap --variant=minbase $DEBIAN_SUITE" - "$STANDIN_ROOTFS_IMAGE" >/dev/null
-    rm -rf "$WORK/rootfs"
-    log "imported $STANDIN_ROOTFS_IMAGE"
-else
-    log "reusing $STANDIN_ROOTFS_IMAGE"
-fi
+make_rootfs_image "$STANDIN_ROOTFS_IMAGE" "$DEBIAN_SUITE" "$DEBIAN_MIRROR"
 
 # 2. Wheels for CPython 3.11 / glibc 2.36 (Debian 12), resolved with this machine's pip setup
 log "pip download: $(tr '\n' ' ' < "$CTX/requirements.txt")"
-PLATFORMS=(--platform manylinux1_x86_64 --platform manylinux2010_x86_64 --platform manylinux2014_x86_64)
-for minor in $(seq 5 36); do PLATFORMS+=(--platform "manylinux_2_${minor}_x86_64"); done
-"$PYTHON" -m pip download --quiet --disable-pip-version-check --dest "$WORK/wheels" \
-    --only-binary=:all: --python-version 3.11 --implementation cp --abi cp311 \
-    "${PLATFORMS[@]}" -r "$CTX/requirements.txt"
-log "wheels: $(du -sh "$WORK/wheels" | cut -f1)"
+download_wheels "$WORK/wheels" -r "$CTX/requirements.txt"
 
 # 3. Serve them on loopback for the build (no copy into the build context / layers)
-PORT="$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-"$PYTHON" -m http.server --bind 127.0.0.1 --directory "$WORK/wheels" "$PORT" >"$WORK/http.log" 2>&1 &
-SERVER_PID=$!
-for _ in $(seq 50); do
-    "$PYTHON" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PORT/', timeout=1)" 2>/dev/null && break
-    sleep 0.2
-done
+serve_wheels "$WORK/wheels"
 
 log "docker build $STANDIN_IMAGE"
 docker build --network host \
