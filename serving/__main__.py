@@ -47,19 +47,18 @@ def _load_state(args):
     return state
 
 
-def _save_state(args, server):
+def _save_state(args, running, **fields):
+    """What `stop` and `status` need of the server `start` left running: its processes (PID and start time,
+    so that a reused PID is never taken for it) and `fields` (its models and addresses)."""
     import psutil
     procs = []
-    for pid in sorted(server._process_tree()):
+    for pid in sorted(running._process_tree()):
         try:
             procs.append([pid, psutil.Process(pid).create_time()])
         except psutil.Error:
             pass
     with open(_state_file(args), "w") as f:
-        json.dump({"processes": procs, "models": server.models, "private": server._private,
-                   "inference_address": server.inference_address,
-                   "management_address": server.management_address,
-                   "metrics_address": server.metrics_address, "logs": server.logs}, f, indent=1)
+        json.dump(dict(fields, processes=procs), f, indent=1)
 
 
 def cmd_start(args):
@@ -88,7 +87,9 @@ def cmd_start(args):
         server.start(detach=True)
     except TorchServeError as e:
         return _fail(str(e))
-    _save_state(args, server)
+    _save_state(args, server, models=server.models, private=server._private,
+                inference_address=server.inference_address, management_address=server.management_address,
+                metrics_address=server.metrics_address, logs=server.logs)
     for model in args.models:
         for image in args.classify:
             with open(os.path.join(REPO_ROOT, image) if not os.path.isabs(image) else image, "rb") as f:
@@ -122,13 +123,9 @@ def start_kserve(args):
     except TorchServeError as e:
         return _fail(str(e))
     try:
-        import psutil
-        procs = [[pid, psutil.Process(pid).create_time()] for pid in sorted(server._process_tree())]
         models = json.loads(readiness.request(server.inference_address, "GET", "/v2/models")[1])["models"]
-        with open(_state_file(args), "w") as f:
-            json.dump({"server": "kserve", "processes": procs, "models": models,
-                       "inference_address": server.inference_address, "grpc_address": server.grpc_address,
-                       "management_address": None, "logs": args.logs}, f, indent=1)
+        _save_state(args, server, server="kserve", models=models, inference_address=server.inference_address,
+                    grpc_address=server.grpc_address, management_address=None, logs=args.logs)
     except BaseException:  # a server nobody could stop must not be left behind
         server.stop()
         raise
