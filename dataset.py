@@ -68,13 +68,6 @@ def _flat_label(name):
     return parts[0].lower() if len(parts) >= 3 and parts[0] else None
 
 
-def detect_layout(root):
-    """'folders' when root has sub-folders (one per class, as torchvision's ImageFolder), else 'flat'."""
-    if not os.path.isdir(root):
-        raise DataError("data folder not found: %s" % root)
-    return "folders" if _class_folders(root) else "flat"
-
-
 def find_labeled_images(root):
     """(classes, samples) of `root`: the class names, sorted, and [(path, index into classes)] for every
     image, sorted by path. The classes come from the data, as in torchvision's ImageFolder:
@@ -85,10 +78,12 @@ def find_labeled_images(root):
     Raises DataError, one line saying what to fix, for: a missing or empty folder, fewer than two classes,
     a class folder with no images, a class name that is not a valid label (check_label), images beside
     class folders (a mixed layout)."""
-    layout = detect_layout(root)
+    if not os.path.isdir(root):
+        raise DataError("data folder not found: %s" % root)
+    folders = _class_folders(root)  # any: the folders layout; none: the flat one
     samples = []
-    if layout == "folders":
-        classes = tuple(check_label(c, root) for c in _class_folders(root))
+    if folders:
+        classes = tuple(check_label(c, root) for c in folders)
         loose = _image_files(root)
         if loose:
             raise DataError("%s mixes class folders (%s) with %d image(s) beside them (%s, ...): put every image "
