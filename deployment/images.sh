@@ -1,5 +1,18 @@
 # Functions the image builds without Docker Hub or PyPI share (deployment/standin/build.sh,
-# deployment/kserve/build.sh): sourced, not run. Each uses the caller's $PYTHON, $WORK and log().
+# deployment/kserve/build.sh): sourced, not run. Each uses the caller's $PYTHON and log(), and $WORK.
+
+# make_work NAME: a new temporary folder $WORK, removed when the script exits, the wheel server that
+# serve_wheels started stopped first.
+make_work() {
+    WORK="$(mktemp -d "${TMPDIR:-/tmp}/$1.XXXXXX")"
+    SERVER_PID=""
+    trap _remove_work EXIT
+}
+
+_remove_work() {
+    if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
+    rm -rf "$WORK"
+}
 
 # make_rootfs_image IMAGE SUITE MIRROR: a minimal Debian root file system, debootstrapped into $WORK and
 # `docker import`ed as IMAGE (root and debootstrap needed). Nothing when IMAGE exists already.

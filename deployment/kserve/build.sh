@@ -49,13 +49,7 @@ log() { echo "[kserve-image] $*" >&2; }
 # shellcheck source=../images.sh
 . "$ROOT/deployment/images.sh"
 
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/kserve-image.XXXXXX")"
-SERVER_PID=""
-cleanup() {
-    if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+make_work kserve-image
 
 # 1. The files the Dockerfile copies, at their paths: the same selection as Dockerfile.dockerignore. Models: the
 # registry's code and each models/NAME/'s code, weights, meta JSON, classes and export (not validated/ runs,

@@ -45,13 +45,7 @@ log() { echo "[standin] $*" >&2; }
 # shellcheck source=../images.sh
 . "$ROOT/deployment/images.sh"
 
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/standin.XXXXXX")"
-SERVER_PID=""
-cleanup() {
-    if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+make_work standin
 
 # Build context: the stand-in's own files plus the pinned requirements.
 CTX="$WORK/context"
