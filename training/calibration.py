@@ -75,7 +75,9 @@ def supports_calibration(model):
 def describe(report):
     """One line for the training log."""
     source = ("calibrated on %d validation images" % report["val_images"] if "carried_from" not in report else
-              "calibration of %s, fitted on its %d validation images" % (report["carried_from"], report["val_images"]))
+              "flip TTA choice of %s, made on its %d validation images, and temperature 1 (the %.3f fitted there "
+              "fits those weights, not these)" % (report["carried_from"], report["val_images"],
+                                                  report["temperature_not_carried"]))
     return ("%s: temperature %.3f, flip TTA %s; log loss %.4f -> %.4f, "
             "accuracy %.4f (plain: T %.3f, log loss %.4f -> %.4f, accuracy %.4f; flip TTA: T %.3f, "
             "log loss %.4f -> %.4f, accuracy %.4f)" % (
