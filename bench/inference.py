@@ -37,6 +37,7 @@ if __name__ == "__main__" and not __package__:
 from bench.common import (FIXTURE_TEST1, SHIPPED_MODELS, default_checkpoint, default_out, describe_machine, fmt,
                           load_payloads, machine_info, markdown_table, random_checkpoint, write_json)
 from serving.loadtest import latency_summary
+from models import MODELS
 from parsers import DefaultsHelpFormatter
 
 ENGINES = ("torch", "onnx", "openvino")
@@ -55,7 +56,8 @@ def all_cores():
 def add_arguments(p):
     """The options bench/serving.py shares: which models, which weights."""
     p.add_argument("--images", default="data/test1", help="unlabeled test images (Kaggle's test1/)")
-    p.add_argument("--models", nargs="+", default=list(SHIPPED_MODELS), choices=list(SHIPPED_MODELS))
+    # Any registry model: one whose weights do not ship needs --checkpoint MODEL=PATH (or --random_weights).
+    p.add_argument("--models", nargs="+", default=list(SHIPPED_MODELS), choices=list(MODELS))
     p.add_argument("--checkpoint", action="append", default=[], metavar="MODEL=PATH",
                    help="weights to use instead of models/MODEL/model_MODEL.pth (repeatable)")
     p.add_argument("--random_weights", action="store_true",

@@ -146,10 +146,11 @@ MODELS = {
                                     img_size=192, dropout=0.2, lr=5e-4, epochs=10, eval_img_size=224,
                                     ema_decay=0.999, load_pretrained=_pretrain_efficientnet_lite0),
     # Lite1: Lite0 deeper (16 blocks, not 13), ImageNet-trained at 240 px. Served at its own 240 px without flip
-    # TTA it costs about what Lite0 at 224 px with flip TTA does; trained at 208 px (240 x 192/224, Lite0's
-    # FixRes ratio) it runs ~17 img/s on a 2-core CPU, so 5 epochs of 10,800 images take about an hour. The
-    # average's decay is scaled to the shorter run: its horizon (1/(1-decay) = 500 steps) is, as Lite0's
-    # (1,000 steps of 3,380), about 30% of the run, and the start's weight in it at the end is 3%, not 18%.
+    # TTA it served 1.39x the requests/s of Lite0 at 224 px with flip (docs/benchmarks.md, section 6); trained
+    # at 208 px (240 x 192/224, Lite0's FixRes ratio) it ran 16 img/s on a 2-vCPU Xeon (bf16), so 5 epochs of
+    # 10,800 images took 58 minutes. The average's decay is scaled to the shorter run: its horizon
+    # (1/(1-decay) = 500 steps) is, as Lite0's (1,000 steps of 3,380), about 30% of the run, and the start's
+    # weight in it at the end is 3%, not 18%. Tried, not shipped: docs/models.md.
     "efficientnet_lite1": ModelSpec(EfficientNetLite1, "models/efficientnet_lite1/efficientnet_lite1.py",
                                     img_size=208, dropout=0.2, lr=5e-4, epochs=5, eval_img_size=240,
                                     ema_decay=0.998, load_pretrained=_pretrain_efficientnet_lite1),

