@@ -289,9 +289,10 @@ def test_a_zombie_is_a_stopped_process(tmp_path):
     zombies. Stopping and status take them for stopped, at once, instead of waiting their timeouts out."""
     import psutil
     # A zombie that is not this process's child (those psutil reaps while waiting): a parent that never
-    # collects its child's exit status, as PID 1 of such a container does not.
+    # collects its child's exit status, as PID 1 of such a container does not. It keeps its Popen object:
+    # one dropped at once is polled by Popen.__del__, which reaps the child if it has already exited.
     parent = subprocess.Popen([sys.executable, "-c", "import subprocess, time\n"
-                               "print(subprocess.Popen(['true']).pid, flush=True)\ntime.sleep(120)"],
+                               "child = subprocess.Popen(['true'])\nprint(child.pid, flush=True)\ntime.sleep(120)"],
                               stdout=subprocess.PIPE, universal_newlines=True)
     try:
         zombie = psutil.Process(int(parent.stdout.readline()))
