@@ -58,7 +58,7 @@ def format_report(report):
     fitted = report.get("calibration")
     if fitted:
         if fitted.get("carried_from"):
-            lines.append("calibrated temperature %.3f (none carried), flip TTA %s: chosen on the validation split of %s"
+            lines.append("temperature %.3f (none carried), flip TTA %s: chosen on the validation split of %s"
                          % (fitted["temperature"], "on" if fitted["flip_tta"] else "off", fitted["carried_from"]))
         else:
             lines.append("calibrated temperature %.3f, flip TTA %s: chosen on the validation split%s" % (
