@@ -96,6 +96,23 @@ def test_inference_smoke(tmp_path):
     assert rows[0]["max_abs_diff_vs_torch"] == 0.0  # torch is the reference
 
 
+def test_a_registry_model_whose_weights_do_not_ship_is_asked_for_its_checkpoint(tmp_path):
+    """--models takes any registry model (docs/benchmarks.md, section 6, measured an unshipped candidate with
+    --checkpoint); without weights it is one line naming the ways out, before anything is measured."""
+    from models import shipped_models
+    if "vgg" in shipped_models():
+        pytest.skip("VGG weights were trained here")
+    result = subprocess.run([sys.executable, "-m", "bench.inference", "--models", "vgg", "--images",
+                             os.path.join(ROOT, "samples", "test1"), "--out", str(tmp_path / "out.json")],
+                            cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1 and "invalid choice" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: no checkpoint for vgg at %s (train it with train_main.py, pass --checkpoint vgg=PATH, or "
+        "--random_weights)" % os.path.join(ROOT, "models", "vgg", "model_vgg.pth"))
+    assert not (tmp_path / "out.json").exists()
+
+
 # ---- bench/serving.py ------------------------------------------------------------------------------
 
 @pytest.mark.skipif(java_command() is None, reason="TorchServe needs Java 11+")
