@@ -22,13 +22,13 @@ from parsers import fail
 from parsers.predict_parser import open_checkpoint, open_predictor
 
 
-def select_samples(args, meta):
+def select_samples(args, meta, model_path=None):
     if args.split == "all":
         if not args.data_dir:
             raise DataError("--data_dir is required with --split all (or use --split val to score the "
                             "images training held out)")
         return (args.data_dir,) + tuple(find_labeled_images(args.data_dir))
-    return training_split(meta, args.split, args.data_dir)
+    return training_split(meta, args.split, args.data_dir, model_path)
 
 
 # ---- running, printing, writing -------------------------------------------------------------------
@@ -197,7 +197,7 @@ def main(argv=None):
     checkpoint = open_checkpoint(args)
     try:
         # Which images, before the model loads (and perhaps exports): a wrong folder fails at once.
-        data_dir, classes, samples = select_samples(args, checkpoint.meta)
+        data_dir, classes, samples = select_samples(args, checkpoint.meta, checkpoint.path)
     except (DataError, CheckpointError) as exc:
         fail(str(exc))
     predictor = open_predictor(args, checkpoint)

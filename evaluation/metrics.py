@@ -93,11 +93,13 @@ def compute_metrics(labels, probs, classes, paths=None, worst=12):
 # ---- which images ---------------------------------------------------------------------------
 
 
-def training_split(meta, split, data_dir=None):
+def training_split(meta, split, data_dir=None, model_path=None):
     """Re-create the (train, val) split of train_main.py from the arguments it stored in the meta JSON.
 
     Returns (data_dir, the folder's classes, samples of `split`). Same folder, same validation_split and seed
     -> the very same images (a dry run's few images included): dataset.training_samples, as training.
+    A final fit (no validation split) at `model_path` is a DataError naming the run that validated its
+    recipe: the one its calibration was carried from, else validated/ beside it (the shipped layout).
     """
     args = meta.get("args") or {}
     if "validation_split" not in args or "seed" not in args:
@@ -123,11 +125,20 @@ def training_split(meta, split, data_dir=None):
                                   args.get("batch_size"), samples)
     chosen = val if split == "val" else train
     if not chosen:
-        validated = (meta.get("calibration") or {}).get("carried_from")
+        validated = (meta.get("calibration") or {}).get("carried_from") or validated_beside(model_path)
         raise DataError("training held out no validation images (--validation_split %g)%s" % (
             args["validation_split"], "; its recipe was validated by %s: score that with --model_path %s --split val"
             % (validated, validated) if validated else ""))
     return data_dir, classes, chosen
+
+
+def validated_beside(model_path):
+    """validated/NAME beside a final fit at DIR/NAME, where the shipped models keep the run that validated
+    their recipe; None when there is none."""
+    if not model_path:
+        return None
+    path = os.path.join(os.path.dirname(model_path), "validated", os.path.basename(model_path))
+    return path if os.path.isfile(path) else None
 
 
 def _source(meta):

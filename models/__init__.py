@@ -144,15 +144,14 @@ MODELS = {
                                     img_size=192, dropout=0.2, lr=5e-4, epochs=10, eval_img_size=224,
                                     ema_decay=0.999,
                                     load_pretrained=_pretrain_efficientnet(efficientnet_lite0_imagenet_state_dict)),
-    # Lite1: Lite0 deeper (16 blocks, not 13), ImageNet-trained at 240 px. Served at its own 240 px without flip
-    # TTA it served 1.39x the requests/s of Lite0 at 224 px with flip (docs/benchmarks.md, section 6); trained
-    # at 208 px (240 x 192/224, Lite0's FixRes ratio) it ran 16 img/s on a 2-vCPU Xeon (bf16), so 5 epochs of
-    # 10,800 images took 58 minutes. The average's decay is scaled to the shorter run: its horizon
-    # (1/(1-decay) = 500 steps) is, as Lite0's (1,000 steps of 3,380), about 30% of the run, and the start's
-    # weight in it at the end is 3%, not 18%. Tried, not shipped: docs/models.md.
+    # Lite1: Lite0 deeper (16 blocks, not 13), ImageNet-trained at 240 px; the shipped production model. Served at
+    # its own 240 px without flip TTA it served 1.39x the requests/s of Lite0 at 224 px with flip
+    # (docs/benchmarks.md, section 6). Trained at 208 px (240 x 192/224, Lite0's FixRes ratio) on Lite0's schedule
+    # (10 epochs, average 0.999): 15-16 img/s on a 2-vCPU Xeon (bf16), so a validated run takes two hours, in
+    # parts joined with --resume. 5 epochs with decay 0.998 lost on log loss (under-confident): docs/models.md.
     "efficientnet_lite1": ModelSpec(EfficientNetLite1, "models/efficientnet_lite1/efficientnet_lite1.py",
-                                    img_size=208, dropout=0.2, lr=5e-4, epochs=5, eval_img_size=240,
-                                    ema_decay=0.998,
+                                    img_size=208, dropout=0.2, lr=5e-4, epochs=10, eval_img_size=240,
+                                    ema_decay=0.999,
                                     load_pretrained=_pretrain_efficientnet(efficientnet_lite1_imagenet_state_dict)),
 }
 

@@ -331,7 +331,7 @@ def test_the_shipped_models_record_their_images_in_terms_a_user_can_act_on():
     expected = data_fingerprint(REPO_ROOT, samples)
     shipped = [os.path.join(REPO_ROOT, weights_path(name)) for name in MODELS]
     shipped = [path for path in shipped if os.path.isfile(path)]
-    shipped.append(os.path.join(REPO_ROOT, "models/efficientnet_lite0/validated/model_efficientnet_lite0.pth"))
+    shipped.append(os.path.join(REPO_ROOT, "models/efficientnet_lite1/validated/model_efficientnet_lite1.pth"))
     assert len(shipped) == 3
     for path in shipped:
         data = read_meta(path)["data"]
@@ -347,6 +347,21 @@ def test_validation_split_without_any_folder_is_one_line(tmp_path, trained, caps
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "is not here, nor is data/train: pass --data_dir" in lines[0]
+
+
+def test_the_validation_split_of_the_shipped_final_fit_names_the_run_to_score_instead(capsys):
+    """The shipped EfficientNet trained on every image and carried no calibration: --split val on it is one
+    line naming the run that validated its recipe, which ships beside it in validated/."""
+    from models import shipped_models, weights_path
+    conv_net = [name for name in shipped_models() if name.startswith("efficientnet")][0]
+    path = weights_path(conv_net)
+    validated = os.path.join(os.path.dirname(path), "validated", os.path.basename(path))
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main.main(["--conv_net", conv_net, "--split", "val", "--data_dir", TRAIN_DIR])
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("warning: ")]
+    assert lines == ["error: training held out no validation images (--validation_split 0); its recipe was "
+                     "validated by %s: score that with --model_path %s --split val" % (validated, validated)]
 
 
 def test_validation_split_reproduces_trainings_accuracy(tmp_path, trained):

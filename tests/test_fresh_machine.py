@@ -51,12 +51,12 @@ WHEEL_CACHE = os.environ.get("FRESH_MACHINE_WHEELS", os.path.join(tempfile.gette
 STEP_TIMEOUT = int(os.environ.get("FRESH_MACHINE_STEP_TIMEOUT", "900"))
 
 # The README's commands, checked to be in README.md as written.
-README_PREDICT = "python predict_main.py --conv_net efficientnet_lite0 --img_path data/test1/2124.jpg"
-README_SUBMISSION = "python predict_main.py --conv_net efficientnet_lite0 --img_dir data/test1 --csv submission.csv"
-# The shipped efficientnet_lite0 is a final fit on every labeled image; the run that validated its recipe ships
+README_PREDICT = "python predict_main.py --conv_net efficientnet_lite1 --img_path data/test1/2124.jpg"
+README_SUBMISSION = "python predict_main.py --conv_net efficientnet_lite1 --img_dir data/test1 --csv submission.csv"
+# The shipped efficientnet_lite1 is a final fit on every labeled image; the run that validated its recipe ships
 # beside it, and its split is what --split val re-creates.
-README_EVALUATE = ("python evaluate_main.py --conv_net efficientnet_lite0 --model_path "
-                   "models/efficientnet_lite0/validated/model_efficientnet_lite0.pth --split val --json eval.json "
+README_EVALUATE = ("python evaluate_main.py --conv_net efficientnet_lite1 --model_path "
+                   "models/efficientnet_lite1/validated/model_efficientnet_lite1.pth --split val --json eval.json "
                    "--report eval.png")
 
 
@@ -211,7 +211,7 @@ def test_fresh_clone_serves_predicts_evaluates_and_stays_clean(fresh_image, sour
     out = result.stdout
     print(out[-6000:], flush=True)
     assert result.returncode == 0, "exit %d:\n%s" % (result.returncode, out[-6000:])
-    for model in ("base_cnn", "efficientnet_lite0"):
+    for model in ("base_cnn", "efficientnet_lite1"):
         assert re.search(r'(?m)^%s samples/test1/2124\.jpg -> \{"(cat|dog)": 0\.\d+\}$' % model, out), model
     assert "TorchServe is running" in out and "TorchServe stopped" in out
     assert re.search(r"(?m)^data/test1/2124\.jpg: (cat|dog) \(probability 0\.\d+\)$", out), out[-3000:]

@@ -523,27 +523,36 @@ def test_unset_flags_take_the_registry_recipe_and_set_flags_win(conv_net):
         "sgd", 0.0, 7, 0.5, 0.0)
 
 
-def test_the_shipped_efficientnet_lite0_is_the_final_fit_of_the_registry_recipe():
-    """Training efficientnet_lite0 with no flag but --data_dir reproduces the run that validated the
-    shipped recipe (its weights ship beside, in validated/), and the shipped model is that recipe
-    fitted on every labeled image, with the validated run's flip TTA choice and temperature 1."""
-    from models import weights_path
+def test_the_shipped_efficientnet_is_the_final_fit_of_the_registry_recipe():
+    """Training the shipped EfficientNet with no flag but --data_dir reproduces the run that validated its
+    recipe (its weights ship beside, in validated/; --resume may have joined it from parts), and the shipped
+    model is that recipe fitted on every labeled image at temperature 1: with the validated run's flip TTA
+    choice where --calibration_from carried it, else without flip."""
+    from models import shipped_models, weights_path
     from models.checkpoint import read_meta
     from parsers.train_parser import build_parser
     from train_main import resolve_defaults
-    shipped = read_meta(weights_path("efficientnet_lite0"))
-    validated_path = shipped["calibration"]["carried_from"]
+    shipped_nets = [name for name in shipped_models() if name.startswith("efficientnet")]
+    assert shipped_nets == ["efficientnet_lite1"]
+    conv_net = shipped_nets[0]
+    path = weights_path(conv_net)
+    shipped = read_meta(path)
+    validated_path = os.path.join(os.path.dirname(path), "validated", os.path.basename(path))
     validated = read_meta(validated_path)
     config = resolve_defaults(TrainConfig(**vars(build_parser().parse_args(
-        ["--conv_net", "efficientnet_lite0", "--data_dir", validated["args"]["data_dir"]]))))
-    recipe = {k: v for k, v in vars(config).items() if k not in ("model_path", "calibration_from")}
+        ["--conv_net", conv_net, "--data_dir", validated["args"]["data_dir"]]))))
+    recipe = {k: v for k, v in vars(config).items() if k not in ("model_path", "calibration_from", "resume")}
     assert {k: validated["args"][k] for k in recipe} == recipe
     assert shipped["args"]["validation_split"] == 0
     assert {k: shipped["args"][k] for k in recipe if k != "validation_split"} == {
         k: v for k, v in recipe.items() if k != "validation_split"}
-    assert shipped["calibration"] == carried(validated["calibration"], validated_path)
-    assert os.path.dirname(validated_path) == os.path.join(os.path.dirname(weights_path("efficientnet_lite0")),
-                                                           "validated")
+    if shipped["args"]["calibration_from"]:
+        assert shipped["calibration"] == carried(validated["calibration"], validated_path)
+    else:
+        assert "calibration" not in shipped
+    from models.checkpoint import load_checkpoint
+    weights = load_checkpoint(path)
+    assert (float(weights["temperature"]), float(weights["flip_tta"])) == (1.0, 0.0)
 
 
 def test_per_model_flags_and_their_help_come_from_the_registry():
