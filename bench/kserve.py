@@ -2,7 +2,7 @@
 images/s, latency and memory of the same weights behind each.
 
     .venv/bin/python -m bench.kserve --images data/test1                 # both shipped models
-    .venv/bin/python -m bench.kserve --images data/test1 --models efficientnet_lite0
+    .venv/bin/python -m bench.kserve --images data/test1 --models efficientnet_lite1
     .venv/bin/python -m bench.kserve --smoke                             # fixtures, a few requests: measures nothing
     .venv/bin/python -m bench.kserve --report bench/results/kserve.json  # the tables of a saved run
 

@@ -1,6 +1,6 @@
 """Run TorchServe for this project: start it, wait until every model can answer, stop it.
 
-    python -m serving start [--models base_cnn efficientnet_lite0] [--classify IMG ...]
+    python -m serving start [--models base_cnn efficientnet_lite1] [--classify IMG ...]
     python -m serving status
     python -m serving stop
 
