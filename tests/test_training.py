@@ -528,6 +528,7 @@ def test_the_shipped_efficientnet_is_the_final_fit_of_the_registry_recipe():
     recipe (its weights ship beside, in validated/; --resume may have joined it from parts), and the shipped
     model is that recipe fitted on every labeled image at temperature 1: with the validated run's flip TTA
     choice where --calibration_from carried it, else without flip."""
+    from evaluation.metrics import validated_beside
     from models import shipped_models, weights_path
     from models.checkpoint import read_meta
     from parsers.train_parser import build_parser
@@ -537,7 +538,7 @@ def test_the_shipped_efficientnet_is_the_final_fit_of_the_registry_recipe():
     conv_net = shipped_nets[0]
     path = weights_path(conv_net)
     shipped = read_meta(path)
-    validated_path = os.path.join(os.path.dirname(path), "validated", os.path.basename(path))
+    validated_path = validated_beside(path)
     validated = read_meta(validated_path)
     config = resolve_defaults(TrainConfig(**vars(build_parser().parse_args(
         ["--conv_net", conv_net, "--data_dir", validated["args"]["data_dir"]]))))
