@@ -31,6 +31,7 @@ if __name__ == "__main__" and not __package__:
 
 from bench.common import (FIXTURE_TRAIN, SHIPPED_MODELS, Stopwatch, default_out, describe_machine, fmt,
                           machine_info, markdown_table, write_json)
+from models import MODELS
 from parsers import DefaultsHelpFormatter
 
 
@@ -38,7 +39,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=DefaultsHelpFormatter)
     p.add_argument("--data_dir", default="data/train", help="labeled images (Kaggle flat layout or cat/ dog/)")
-    p.add_argument("--models", nargs="+", default=list(SHIPPED_MODELS), choices=list(SHIPPED_MODELS) + ["vgg"])
+    # Any registry model: training needs no shipped weights (only ImageNet ones, or none).
+    p.add_argument("--models", nargs="+", default=list(SHIPPED_MODELS), choices=sorted(MODELS))
     p.add_argument("--steps", type=int, default=15, help="timed optimizer steps per path")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
     p.add_argument("--batch_size", type=int, default=None, help="default: each model's training batch size")
